@@ -1,0 +1,27 @@
+# The two commands of the README: `make demo` and `make test`. Both create/reuse .venv.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+DEMO_DIR ?= runs/demo
+DEMO_ROWS ?= 2000
+
+.PHONY: demo test install clean-demo
+
+install: $(STAMP)
+
+$(STAMP): requirements/base.txt requirements/dev.txt requirements/lock.txt setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements/dev.txt -c requirements/lock.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	DEMO_DIR=$(DEMO_DIR) DEMO_ROWS=$(DEMO_ROWS) VENV=$(VENV) bash scripts/demo.sh
+
+clean-demo:
+	rm -rf $(DEMO_DIR)

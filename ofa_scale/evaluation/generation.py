@@ -1,0 +1,89 @@
+"""Generate predictions for evaluation samples with `ofa_scale.model.generate` (spec §7 decoding settings).
+
+* caption: beam 5, max_len_b 16, no_repeat_ngram 3, length-normalised (spec §7.1).
+* vqa: beam 5, unnormalised, constrained by a trie over the candidate answers (`[bos] + BPE(" " + answer) +
+  [eos]`, spec §6.3). The decoder starts from bos, as our pretraining builds VQA targets (OFA's zero-shot
+  `--prompt-type none`).
+* grounding: beam 5, exactly 4 tokens (min_len = max_len_b = 4), no_repeat_ngram 3, restricted to `<bin>`
+  tokens (OFA leaves decoding unconstrained; a trained model emits bins anyway, an undertrained one would
+  otherwise produce boxes that cannot be read), then bins → box in the stored image's pixels.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from ofa_scale.evaluation.metrics.grounding import bins_to_box
+from ofa_scale.evaluation.model_source import InputGeometry
+from ofa_scale.evaluation.vl_inputs import EvalSample
+from ofa_scale.model.generate import GenerationConfig, generate
+from ofa_scale.utils.trie import Trie
+
+VQA_MAX_ANSWER_TOKENS = 30  # OFA's max_tgt_length for VQA
+
+
+def batch_inputs(samples: Sequence[EvalSample], pad: int) -> dict[str, torch.Tensor]:
+    width = max(len(s.source) for s in samples)
+    src = torch.full((len(samples), width), pad, dtype=torch.long)
+    for i, s in enumerate(samples):
+        src[i, :len(s.source)] = torch.tensor(s.source, dtype=torch.long)
+    return {"src_tokens": src, "patch_images": torch.stack([s.image for s in samples]),
+            "patch_masks": torch.ones(len(samples), dtype=torch.bool)}
+
+
+def answer_trie(samples: Sequence[EvalSample], tok: Any, extra_answers: Sequence[str] = ()) -> Trie:
+    """Candidate set: the given answers plus every reference answer of the evaluated questions."""
+    answers = dict.fromkeys(a.strip() for a in extra_answers)
+    for s in samples:
+        answers.update(dict.fromkeys(str(a["answer"]).strip() for a in s.reference["answers"]))
+    return Trie.from_answers([tok.encode(" " + a) for a in answers if a], bos=tok.bos, eos=tok.eos)
+
+
+def decoding_config(task: str, tok: Any) -> GenerationConfig:
+    if task == "caption":
+        return GenerationConfig.for_task("caption", nbest=1)
+    if task == "vqa":
+        return GenerationConfig.for_task("vqa", nbest=1, max_len_b=VQA_MAX_ANSWER_TOKENS)
+    return GenerationConfig.for_task("grounding", nbest=1,
+                                     constraint_range=(tok.bin_offset, tok.bin_offset + tok.num_bins))
+
+
+def _text(tok: Any, tokens: torch.Tensor) -> str:
+    ids = [t for t in tokens.tolist() if t < len(tok)]  # padded vocabularies may hold ids the tokenizer lacks
+    return tok.decode(ids, skip_special_tokens=True).strip()
+
+
+def prediction_record(sample: EvalSample, tokens: torch.Tensor, tok: Any, geometry: InputGeometry) -> dict:
+    if sample.task == "caption":
+        return {"id": sample.id, "caption": _text(tok, tokens)}
+    if sample.task == "vqa":
+        return {"id": sample.id, "answer": _text(tok, tokens)}
+    bins = [int(t) - tok.bin_offset for t in tokens.tolist()[:4]]
+    width, height = sample.image_size
+    # bins → pixels of the S×S input (bin/(n-1)·normaliser) → stored-image pixels (× W/S, × H/S)
+    size = geometry.grounding_image_size
+    box = bins_to_box(bins, width, height, num_bins=geometry.num_bins, max_image_size=geometry.box_normaliser,
+                      input_size=size)
+    return {"id": sample.id, "box": box, "bins": bins}
+
+
+@torch.no_grad()
+def predict(model: torch.nn.Module, samples: Sequence[EvalSample], tok: Any, geometry: InputGeometry, *,
+            batch_size: int, device: torch.device, extra_answers: Sequence[str] = ()) -> list[dict]:
+    """One prediction record per sample (same order)."""
+    if not samples:
+        return []
+    task = samples[0].task
+    cfg = decoding_config(task, tok)
+    trie = answer_trie(samples, tok, extra_answers) if task == "vqa" else None
+    out: list[dict] = []
+    for start in range(0, len(samples), batch_size):
+        chunk = samples[start:start + batch_size]
+        batch = {k: v.to(device) for k, v in batch_inputs(chunk, tok.pad).items()}
+        hyps = generate(model, batch, cfg, constraint_trie=trie)
+        for sample, best in zip(chunk, hyps):
+            tokens = best[0].tokens if best else torch.tensor([tok.eos])
+            out.append(prediction_record(sample, tokens, tok, geometry))
+    return out

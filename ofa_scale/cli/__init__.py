@@ -18,3 +18,30 @@ def run_cli(fn: Callable[[], int | None], prog: str) -> int:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
     return int(rc or 0)
+
+
+def subcommand_main(prog: str, description: str, subcommands: dict[str, tuple[str, str]],
+                    argv: list[str] | None = None) -> int:
+    """Dispatch `prog SUBCOMMAND ...` to the module named in `subcommands` ({name: (module, help)}).
+
+    Each module exposes `add_arguments(parser)` and `run(args) -> int`. Only the chosen subcommand's module is
+    imported, so one heavy module (torch, the model) never slows or breaks the others.
+    """
+    import argparse
+    import importlib
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+
+    def _go() -> int:
+        parser = argparse.ArgumentParser(prog=prog, description=description)
+        sub = parser.add_subparsers(dest="command", required=True)
+        for name, (module, help_text) in subcommands.items():
+            p = sub.add_parser(name, help=help_text, description=help_text)
+            p.set_defaults(_module=module)
+            if name == command:
+                importlib.import_module(module).add_arguments(p)
+        args = parser.parse_args(argv)
+        return importlib.import_module(args._module).run(args)
+
+    return run_cli(_go, prog)

@@ -1,0 +1,24 @@
+"""`ofa-convert`: move OFA weights between formats.
+
+Each subcommand lives in its own module exposing `add_arguments(parser)` and `run(args) -> int` (as in
+`ofa-preprocess`); add a format by adding a row to SUBCOMMANDS.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from ofa_scale.cli import subcommand_main
+
+SUBCOMMANDS = {
+    "import-ofa": ("ofa_scale.model.checkpoint",
+                   "import a fairseq/OFA checkpoint (.pt) into an ofa-scale model directory (safetensors + config)"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    return subcommand_main("ofa-convert", __doc__.splitlines()[0], SUBCOMMANDS, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -97,7 +97,8 @@ def from_dict(cls: type[T], data: dict, prefix: str = "") -> T:
         where = f"{prefix}.{key}" if prefix else str(key)
         if key not in fields:
             close = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(fields)})"
+            full = f"{prefix}.{close[0]}" if (close and prefix) else (close[0] if close else "")
+            hint = f" (did you mean '{full}'?)" if close else f" (known: {', '.join(fields)})"
             raise ConfigError(f"unknown config key '{where}'{hint}")
         kwargs[key] = _coerce(value, hints[key], where)
     try:

@@ -37,7 +37,7 @@ def test_yaml_and_overrides(tmp_path):
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["optim.lrr=1"], "did you mean 'lr'"),
+        (["optim.lrr=1"], "did you mean 'optim.lr'"),
         (["steps=ten"], "expected an integer"),
         (["precision=fp8"], "is not one of"),
         (["steps=0"], "steps must be positive"),

@@ -1,0 +1,68 @@
+"""`ofa-convert export CANONICAL_DIR --out DIR`: a consolidated model directory from a checkpoint of any layout.
+
+The input is a canonical checkpoint (ofa_scale.parallel.canonical: full OFA-named tensors, whatever tp/pp/dp/ZeRO
+wrote it); the output is the `save_pretrained` format (`model.safetensors` + `config.json`) that
+`load_pretrained` and `model.pretrained` read. Optimizer moments are left behind.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ofa_scale.errors import UserError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="a canonical checkpoint directory (holds canonical.json)")
+    parser.add_argument("--out", required=True, help="directory to write model.safetensors and config.json into")
+    parser.add_argument("--arch", help="OFA preset of the checkpoint, when canonical.json does not record the "
+                                       "model config (then every size must match the preset)")
+
+
+def export(checkpoint: str | Path, out: str | Path, arch: str | None = None) -> Path:
+    import torch
+
+    from ofa_scale.model import OFAModel, OFAConfig
+    from ofa_scale.model.checkpoint import save_pretrained
+    from ofa_scale.parallel.canonical import read_canonical
+    from ofa_scale.utils.config import from_dict
+
+    weights, _, meta = read_canonical(checkpoint)
+    if meta.get("model"):
+        cfg = from_dict(OFAConfig, meta["model"])
+        cfg.validate()
+    elif arch:
+        cfg = OFAConfig.preset(arch)
+    else:
+        raise UserError(f"{checkpoint} does not record its model config; pass --arch with its OFA preset")
+    with torch.device("meta"):
+        model = OFAModel(cfg)
+    model = model.to_empty(device="cpu")
+    model.tie_embeddings()  # to_empty allocates per module, which unties the shared embedding
+    model.reset_index_buffers()
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.reset_running_stats()  # overwritten below when the checkpoint carries statistics
+    expected = dict(model.named_parameters())
+    missing = sorted(set(expected) - set(weights))
+    if missing:
+        raise UserError(f"{checkpoint} lacks {len(missing)} parameters of a {cfg.arch} model (e.g. {missing[0]}); "
+                        f"pass the --arch it was trained with")
+    with torch.no_grad():
+        for name, p in expected.items():
+            if tuple(weights[name].shape) != tuple(p.shape):
+                raise UserError(f"{checkpoint}: {name} has shape {tuple(weights[name].shape)} but the model "
+                                f"expects {tuple(p.shape)}; pass the --arch it was trained with")
+            p.copy_(weights[name])
+        for name, buf in model.named_buffers():
+            if name in weights:  # BatchNorm statistics
+                buf.copy_(weights[name].to(buf.dtype))
+    return save_pretrained(model, out, extra={"exported_from": str(checkpoint),
+                                              "optimizer_step": meta.get("optimizer_step")})
+
+
+def run(args: argparse.Namespace) -> int:
+    out = export(args.checkpoint, args.out, args.arch)
+    print(f"wrote {out}")
+    return 0

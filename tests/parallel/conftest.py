@@ -1,0 +1,30 @@
+"""Session fixtures for tests/parallel: the multi-process layout runs (launched through parallel_launch)."""
+
+import pytest
+
+from parallel_launch import LAYOUTS, RESUMES, SAVE_AT, STEPS, launch
+
+
+@pytest.fixture(scope="session")
+def layout_runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("layouts")
+    init = root / "init"
+    launch("write_init", 1, root / "write_init", dir=str(init))
+    runs = {}
+    for name, spec in LAYOUTS.items():
+        spec = dict(spec)
+        world = spec.pop("world")
+        params = dict(init=str(init), steps=STEPS, **spec)
+        if spec.get("save_at"):
+            params["save_dir"] = str(root / f"{name}-step{SAVE_AT}")
+        if spec.get("export"):
+            params["export"] = str(root / f"{name}-final.safetensors")
+        runs[name] = {"ranks": launch("train", world, root / name, **params), "params": params}
+    for name, (source, spec) in RESUMES.items():
+        spec = dict(spec)
+        world = spec.pop("world")
+        params = dict(resume=runs[source]["params"]["save_dir"], steps=STEPS - SAVE_AT,
+                      export_at_start=str(root / f"{name.replace('>', '')}-start.safetensors"), **spec)
+        runs[name] = {"ranks": launch("train", world, root / name.replace(">", ""), **params), "params": params}
+    runs["root"] = root
+    return runs

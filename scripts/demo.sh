@@ -20,25 +20,36 @@ if [ -e "$DEMO_DIR" ]; then
   rm -rf "$DEMO_DIR"
 fi
 
-step "1/4 sample corpus: $DEMO_ROWS image-text rows plus text, image-infilling and detection rows"
+step "1/5 sample corpus: $DEMO_ROWS image-text rows plus text, image-infilling and detection rows"
 "$PY" -m ofa_scale.cli.preprocess sample --out "$DATA/corpus" --rows "$DEMO_ROWS"
 
-step "2/4 shards (webdataset) with manifest and rejects"
+step "2/5 shards (webdataset) with manifest and rejects"
 "$PY" -m ofa_scale.cli.preprocess shards \
   --vl "$DATA/corpus/vision_language_examples.tsv" --text "$DATA/corpus/text_examples.tsv" \
   --image "$DATA/corpus/image_examples.tsv" --detection "$DATA/corpus/detection_examples.tsv" \
   --negatives "$DATA/corpus/negative_sample" --out "$DATA/shards" --workers 2 --no-progress
 
-step "3/4 SentencePiece tokenizer trained on the corpus text (plus <mask>, 8192 <code>, 1000 <bin> tokens)"
+step "3/5 SentencePiece tokenizer trained on the corpus text (plus <mask>, 8192 <code>, 1000 <bin> tokens)"
 "$PY" -m ofa_scale.cli.preprocess train-tokenizer \
   --input "$DATA/corpus/vision_language_examples.tsv" "$DATA/corpus/text_examples.tsv" \
   --vocab-size 2000 --soft-vocab-limit --out "$DATA/tokenizer"
 
-step "4/4 pretraining: deepspeed --num_gpus 2 (CPU, gloo), ZeRO-3, all eight objectives in every batch"
+step "4/5 pretraining: deepspeed --num_gpus 2 (CPU, gloo), ZeRO-3, all eight objectives in every batch"
 "$VENV/bin/deepspeed" --num_gpus 2 --module ofa_scale.train \
   --config configs/demo.yaml --run-dir "$DEMO_DIR" \
   --set "data.root=$DATA/shards" --set "data.tokenizer.path=$DATA/tokenizer" \
   2>&1 | { grep --line-buffered -v -E '^\[[0-9-]+ [0-9:,]+\] \[(INFO|WARNING)\]|^DeepSpeed deepspeed.ops|mlflow.store.db.utils' || true; }
 
-step "summary ($(( $(date +%s) - start )) s so far)"
+step "training summary ($(( $(date +%s) - start )) s so far)"
 "$PY" -m ofa_scale.training.summary "$DEMO_DIR" --window 15
+
+step "5/5 evaluation: generate on held-out rows (a fresh seed) and score captions, VQA and grounding"
+"$PY" -m ofa_scale.cli.preprocess sample --out "$DATA/heldout_corpus" --rows 120 --seed 99
+"$PY" -m ofa_scale.cli.preprocess shards --vl "$DATA/heldout_corpus/vision_language_examples.tsv" \
+  --out "$DATA/heldout_shards" --no-progress
+# greedy (--beam 1): after a few minutes of training, beams of 5 prefer the short yes/no answers of the ITM
+# task over a full caption (higher mean log-prob per token); OFA's beam-5 settings suit trained models.
+"$PY" -m ofa_scale.cli.evaluate generate --checkpoint "$DEMO_DIR" --data "$DATA/heldout_shards" --beam 1 \
+  --tasks caption,vqa,grounding --limit 24 --out "$DEMO_DIR/eval"
+
+step "done in $(( $(date +%s) - start )) s: run in $DEMO_DIR, evaluation tables in $DEMO_DIR/eval"

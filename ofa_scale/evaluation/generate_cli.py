@@ -37,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                                      "vl.image_size, else 480)")
     parser.add_argument("--grounding-image-size", type=int, default=None,
                         help="grounding input size (default: the run's vl.image_size, else 512)")
+    parser.add_argument("--beam", type=int, default=None,
+                        help="beam size for every task (default: each task's OFA setting, e.g. 5 for captions); "
+                             "1 = greedy, useful for small undertrained models whose beams prefer short answers")
     parser.add_argument("--vqa-answers", default=None, metavar="FILE",
                         help="candidate answers, one per line, added to the trie besides the reference answers")
     add_score_options(parser)
@@ -76,7 +79,7 @@ def _evaluate_task(task, samples, loaded, args, options, extra_answers, device, 
 
     t0 = time.perf_counter()
     predictions = predict(loaded.model, samples, loaded.tokenizer, loaded.geometry, batch_size=args.batch_size,
-                          device=device, extra_answers=extra_answers)
+                          device=device, extra_answers=extra_answers, beam_size=args.beam)
     seconds = time.perf_counter() - t0
     print(f"ofa-eval: {task}: generated {len(predictions)} in {seconds:.1f}s "
           f"({len(predictions) / max(seconds, 1e-9):.1f} samples/s)", flush=True)

@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -41,13 +41,15 @@ def answer_trie(samples: Sequence[EvalSample], tok: Any, extra_answers: Sequence
     return Trie.from_answers([tok.encode(" " + a) for a in answers if a], bos=tok.bos, eos=tok.eos)
 
 
-def decoding_config(task: str, tok: Any) -> GenerationConfig:
+def decoding_config(task: str, tok: Any, beam_size: Optional[int] = None) -> GenerationConfig:
+    """The task's OFA decoding settings (spec §7); `beam_size` overrides the beam for every task."""
+    extra = {} if beam_size is None else {"beam_size": beam_size}
     if task == "caption":
-        return GenerationConfig.for_task("caption", nbest=1)
+        return GenerationConfig.for_task("caption", nbest=1, **extra)
     if task == "vqa":
-        return GenerationConfig.for_task("vqa", nbest=1, max_len_b=VQA_MAX_ANSWER_TOKENS)
+        return GenerationConfig.for_task("vqa", nbest=1, max_len_b=VQA_MAX_ANSWER_TOKENS, **extra)
     return GenerationConfig.for_task("grounding", nbest=1,
-                                     constraint_range=(tok.bin_offset, tok.bin_offset + tok.num_bins))
+                                     constraint_range=(tok.bin_offset, tok.bin_offset + tok.num_bins), **extra)
 
 
 def _text(tok: Any, tokens: torch.Tensor) -> str:
@@ -71,12 +73,13 @@ def prediction_record(sample: EvalSample, tokens: torch.Tensor, tok: Any, geomet
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, samples: Sequence[EvalSample], tok: Any, geometry: InputGeometry, *,
-            batch_size: int, device: torch.device, extra_answers: Sequence[str] = ()) -> list[dict]:
+            batch_size: int, device: torch.device, extra_answers: Sequence[str] = (),
+            beam_size: Optional[int] = None) -> list[dict]:
     """One prediction record per sample (same order)."""
     if not samples:
         return []
     task = samples[0].task
-    cfg = decoding_config(task, tok)
+    cfg = decoding_config(task, tok, beam_size)
     trie = answer_trie(samples, tok, extra_answers) if task == "vqa" else None
     out: list[dict] = []
     for start in range(0, len(samples), batch_size):

@@ -88,3 +88,16 @@ def test_gigaword_rouge_with_stemming():
     assert per["rouge1"][0] == pytest.approx(2 * (2 / 4) * (2 / 2) / (2 / 4 + 2 / 2))
     assert per["rouge2"][0] == 0.0
     assert means["rougeL"] == pytest.approx(per["rouge1"][0])
+
+
+def test_beam_override_applies_to_every_task_and_keeps_task_settings():
+    from types import SimpleNamespace
+
+    from ofa_scale.evaluation.generation import decoding_config
+
+    tok = SimpleNamespace(bin_offset=100, num_bins=10)
+    assert decoding_config("caption", tok).beam_size == 5
+    greedy = decoding_config("caption", tok, beam_size=1)
+    assert greedy.beam_size == 1 and greedy.no_repeat_ngram_size == 3 and greedy.max_len_b == 16
+    grounding = decoding_config("grounding", tok, beam_size=2)
+    assert grounding.beam_size == 2 and grounding.constraint_range == (100, 110)

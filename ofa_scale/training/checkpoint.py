@@ -19,7 +19,7 @@ import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -91,8 +91,11 @@ def find_latest(ckpt_dir: Path) -> Optional[ResumePoint]:
 
 
 def save_checkpoint(engine, ckpt_dir: Path, step: int, rank: int, rank_state: dict[str, Any],
-                    record: dict[str, Any], keep: int) -> Path:
-    """Collective: every rank calls it. Returns the tag directory."""
+                    record: dict[str, Any], keep: int,
+                    write_extra: Optional[Callable[[Path], None]] = None) -> Path:
+    """Collective: every rank calls it. Returns the tag directory.
+
+    `write_extra(tag_dir)` (collective too) adds files to the checkpoint before it is published by `latest`."""
     tag = tag_for(step)
     tag_dir = ckpt_dir / tag
     if rank == 0 and tag_dir.exists():
@@ -102,6 +105,8 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, rank: int, rank_state: di
     buf = io.BytesIO()
     torch.save({"format_version": CHECKPOINT_FORMAT_VERSION, **rank_state}, buf)
     atomic_write_bytes(rank_file(tag_dir, rank), buf.getvalue())
+    if write_extra is not None:
+        write_extra(tag_dir)
     _barrier()  # every rank's files are on disk before the record and the pointer say the checkpoint exists
     if rank == 0:
         atomic_write_json(tag_dir / TRAINER_RECORD, {"format_version": CHECKPOINT_FORMAT_VERSION, "tag": tag,

@@ -23,6 +23,11 @@ from ofa_scale.training.ds_config import build_ds_config
 from ofa_scale.training.metrics import MetricsFile, StepTimer, TaskAccumulator, console_line
 from ofa_scale.training.run_dir import RunDir, open_run_dir
 from ofa_scale.training.schedule import schedule_from_config, scheduler_factory
+from ofa_scale.training.layout_model import build_layout_model
+from ofa_scale.training.layout_resume import (load_canonical_optimizer, load_canonical_weights, require_canonical,
+                                              same_layout, write_canonical)
+from ofa_scale.training.pipeline_step import (PipelineLoss, pipeline_ds_overrides, pipeline_micro_batches,
+                                              reduce_metrics, run_pipeline_step)
 from ofa_scale.training.step import GroupsForward, LossSettings, run_step
 from ofa_scale.training.workload import OFAPretraining
 from ofa_scale.utils.config import flatten
@@ -49,7 +54,7 @@ def train(cfg: TrainingConfig, run_dir: str | Path, resume: bool = False,
     workload, layout, grad_accum = prepare(cfg, launch.world_size)
     run, point = open_run_dir(run_dir, resume)
     if point is not None:
-        _check_resume_compatible(cfg, point, launch.world_size)
+        _check_resume_compatible(cfg, point, launch.world_size, layout)
 
     # ---- process groups ------------------------------------------------------------------------------------
     import deepspeed
@@ -90,14 +95,18 @@ def prepare(cfg: TrainingConfig, world_size: int):
         raise ConfigError("precision=fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16 kernels); "
                           "use precision=bf16 or fp32 on CPU")
     workload = OFAPretraining(cfg)
-    # parallel.micro_batches (the pipeline schedule length) is the gradient accumulation the batch sizes imply
-    parallel = dataclasses.replace(cfg.parallel, micro_batches=grad_accum)
+    # parallel.micro_batches (the pipeline schedule length) is the gradient accumulation the batch sizes imply;
+    # a pipeline runs each group (vl, aux) of a loader micro-batch as its own micro-batch (pipeline_step.py)
+    schedule = grad_accum
+    if cfg.parallel.pp > 1:
+        schedule = pipeline_micro_batches(grad_accum, len(workload.composition().group_sizes()))
+    parallel = dataclasses.replace(cfg.parallel, micro_batches=schedule)
     layout = validate_layout(parallel, workload.model_config, world_size)
-    if layout.pp > 1:
-        # The pipeline engine (DeepSpeed PipelineModule.train_batch) needs its own step loop and a loss inside
-        # the last stage; until that loop lands here, refuse rather than run a pipeline model as a plain module.
-        raise ConfigError("parallel.pp > 1 is not supported by ofa-train's step loop yet; use parallel.pp=1 "
-                          "(tensor and data parallelism with ZeRO work)")
+    if layout.pp > 1 and "aux" in workload.composition().group_sizes() and cfg.objectives.scaled.sample_patch_num:
+        # the pipeline's first stage embeds every patch; OFA's patch sampling on the image-text group (used when
+        # an auxiliary group shares the batch) has no pipeline counterpart yet
+        raise ConfigError("parallel.pp > 1 does not support image patch sampling; set objectives.sample_patch_num=0 "
+                          "or parallel.pp=1")
     return workload, layout, grad_accum
 
 
@@ -106,13 +115,23 @@ def _run(cfg, run: RunDir, point: Optional[ResumePoint], workload, layout, ctx, 
     import deepspeed
 
     device = torch.device(accel.device_name(accel.current_device()) if not on_cpu else "cpu")
-    # Identical initial weights on every rank and at every world size; then per-data-rank dropout streams.
-    torch.manual_seed(cfg.train.seed)
-    model = ctx.build_model(workload.model_config)
+    loss_settings = LossSettings(epsilon=cfg.objectives.label_smoothing, pad=workload.pad,
+                                 per_group=cfg.objectives.loss_normalization == "per_group")
+    pipeline_loss = PipelineLoss(ctx, loss_settings) if layout.pp > 1 else None
+    # Identical initial weights on every rank and in every layout (the tp=1 model's at this seed); then
+    # per-data-rank dropout streams.
+    model = build_layout_model(ctx, workload, cfg.train.seed, pipeline_loss)
     workload.load_pretrained_into(model, ctx)
+    # DeepSpeed's own files resume the same layout exactly, except under pp > 1: DeepSpeed's pipeline checkpoint
+    # skips tied layers that have a forward_fn, i.e. OFA's shared embedding, so pipelines always resume from the
+    # layout-free copy (and, with the same layout, still restore the per-rank RNG streams below).
+    from_canonical = point is not None and (layout.pp > 1 or not _same_layout(point, layout))
+    if from_canonical:
+        load_canonical_weights(point.tag_dir, ctx, model)
     if not on_cpu:
         model.to(device)  # the ZeRO-3 probe below then runs at GPU speed; DeepSpeed keeps the placement
-    workload.set_activation_checkpointing(model, cfg.parallel.activation_checkpointing)
+    if layout.pp == 1:  # pipeline layers are checkpointed by the pipeline builder (parallel.activation_checkpointing)
+        workload.set_activation_checkpointing(model, cfg.parallel.activation_checkpointing)
     torch.manual_seed(cfg.train.seed + 1 + ctx.dp_rank)
 
     loader = workload.build_loader(dp_rank=ctx.dp_rank, dp_size=layout.dp)
@@ -143,15 +162,21 @@ def _run(cfg, run: RunDir, point: Optional[ResumePoint], workload, layout, ctx, 
         # batch_norm sees bf16/fp16 weights with fp32 statistics and refuses (fairseq's .half() casts both too).
         model.to(dtype)
     ds_config = build_ds_config(cfg, layout.dp, grad_accum, on_cpu)
-    wrapped = GroupsForward(model)
+    if layout.pp > 1:
+        ds_config = pipeline_ds_overrides(ds_config, layout.dp, layout.micro_batches)
+        wrapped = model  # the PipelineModule runs its stages itself (engine.train_batch)
+    else:
+        wrapped = GroupsForward(model)
     engine, _, _, lr_scheduler = deepspeed.initialize(
         model=wrapped, model_parameters=[p for p in wrapped.parameters() if p.requires_grad], config=ds_config,
         lr_scheduler=scheduler_factory(schedule_from_config(cfg)), mpu=ctx.mpu if layout.pp == 1 else None)
-    if point is not None:
+    if from_canonical:
+        load_canonical_optimizer(point.tag_dir, ctx, engine, lr_scheduler)
+    elif point is not None:
         engine.load_checkpoint(str(run.checkpoints), tag=point.tag, load_module_strict=True,
                                load_optimizer_states=True, load_lr_scheduler_states=True)
-        if point.record.get("world_size") == dist.get_world_size():
-            set_rng_state(load_rank_state(point, rank)["rng"])
+    if point is not None and _same_layout(point, layout):
+        set_rng_state(load_rank_state(point, rank)["rng"])
 
     tracker = None
     metrics_file = None
@@ -182,8 +207,6 @@ def _run(cfg, run: RunDir, point: Optional[ResumePoint], workload, layout, ctx, 
         if tracker is not None:
             print(f"ofa-train: {tracker.describe()}", flush=True)
 
-    loss_settings = LossSettings(epsilon=cfg.objectives.label_smoothing, pad=workload.pad,
-                                 per_group=cfg.objectives.loss_normalization == "per_group")
     timer = StepTimer(cfg.train.steps - start_step)
     last_record: dict[str, Any] = {}
     status = "FAILED"
@@ -199,8 +222,13 @@ def _run(cfg, run: RunDir, point: Optional[ResumePoint], workload, layout, ctx, 
             lr = float(lr_scheduler.get_last_lr()[0])
             to_inputs = workload.input_builder(step=step, dp_rank=ctx.dp_rank, dp_size=layout.dp, device=device,
                                                dtype=dtype)
-            run_step(engine, ctx, micro_batches, workload.groups, to_inputs, loss_settings, acc)
-            acc.all_reduce(ctx.dp_group)
+            if pipeline_loss is not None:
+                run_pipeline_step(engine, ctx, micro_batches, workload.groups, to_inputs, loss_settings, acc,
+                                  pipeline_loss)
+                reduce_metrics(acc)  # the last stage's numbers, now on every rank (rank 0 logs them)
+            else:
+                run_step(engine, ctx, micro_batches, workload.groups, to_inputs, loss_settings, acc)
+                acc.all_reduce(ctx.dp_group)
             dt = timer.stop()
             record = _step_record(step, acc, lr, engine, dt, workload, device)
             last_record = record
@@ -213,7 +241,8 @@ def _run(cfg, run: RunDir, point: Optional[ResumePoint], workload, layout, ctx, 
                           flush=True)
             stopping = stop.after_step()
             if step % cfg.train.ckpt_interval == 0 or step == cfg.train.steps or stopping:
-                tag_dir = _checkpoint(cfg, run, engine, loader, step, rank, ctx, mlflow_run_id, layout)
+                tag_dir = _checkpoint(cfg, run, engine, loader, step, rank, ctx, mlflow_run_id, layout,
+                                      workload.model_config, lr_scheduler)
                 if is_main:
                     print(f"ofa-train: checkpoint {tag_dir}", flush=True)
             if stopping and step < cfg.train.steps:
@@ -301,7 +330,8 @@ def _step_record(step: int, acc: TaskAccumulator, lr: float, engine, dt: float, 
     return record
 
 
-def _checkpoint(cfg, run: RunDir, engine, loader, step, rank, ctx, mlflow_run_id, layout) -> Path:
+def _checkpoint(cfg, run: RunDir, engine, loader, step, rank, ctx, mlflow_run_id, layout, model_config,
+                lr_scheduler) -> Path:
     from ofa_scale.data.loader import merge_loader_states
 
     # Every data-parallel rank owns different streams; the merged state lets any world size dividing the stream
@@ -315,11 +345,18 @@ def _checkpoint(cfg, run: RunDir, engine, loader, step, rank, ctx, mlflow_run_id
         "loader_state": merge_loader_states(states),
         "config": cfg.to_dict(),
     }
+    # the layout-free copy lets --resume continue under another tp/pp/dp/ZeRO layout (layout_resume.py)
     return save_checkpoint(engine, run.checkpoints, step, rank, {"rng": rng_state()}, record,
-                           keep=cfg.train.keep_checkpoints)
+                           keep=cfg.train.keep_checkpoints,
+                           write_extra=lambda tag_dir: write_canonical(ctx, engine, tag_dir, model_config, step,
+                                                                       lr_scheduler))
 
 
-def _check_resume_compatible(cfg: TrainingConfig, point: ResumePoint, world_size: int) -> None:
+def _same_layout(point: ResumePoint, layout) -> bool:
+    return same_layout(point.record.get("layout"), point.record.get("world_size"), layout, dist.get_world_size())
+
+
+def _check_resume_compatible(cfg: TrainingConfig, point: ResumePoint, world_size: int, layout) -> None:
     saved = point.record.get("config", {})
     for section, keys in (("train", ("global_batch_size", "micro_batch_size", "seed")),
                           ("data", ("root",))):
@@ -329,12 +366,11 @@ def _check_resume_compatible(cfg: TrainingConfig, point: ResumePoint, world_size
             if old is not None and old != new:
                 raise ConfigError(f"{section}.{key} was {old!r} when {point.tag_dir} was written but is {new!r} now; "
                                   f"resume with the original value or start a new --run-dir")
-    saved_world = point.record.get("world_size")
-    if saved_world is not None and saved_world != world_size:
-        # DeepSpeed's ZeRO partitions and our per-rank RNG files are per process; resharding goes through a
-        # layout-free checkpoint instead (ofa_scale.parallel, `ofa-convert export`).
-        raise UserError(f"{point.tag_dir} was written by {saved_world} processes but {world_size} are running; "
-                        f"resume with {saved_world} processes (or convert the checkpoint to change the layout)")
+    saved_world, saved_layout = point.record.get("world_size"), point.record.get("layout")
+    if layout.pp > 1 or not same_layout(saved_layout, saved_world, layout, world_size):
+        # DeepSpeed's ZeRO partitions, pipeline files and our per-rank RNG files are per process; another layout
+        # resumes from the layout-free copy next to them (layout_resume.py)
+        require_canonical(point.tag_dir, saved_layout, saved_world)
     if point.step >= cfg.train.steps:
         raise UserError(f"the run already reached step {point.step} (train.steps={cfg.train.steps}); raise "
                         f"train.steps to continue it")

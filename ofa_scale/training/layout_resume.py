@@ -1,0 +1,90 @@
+"""Resuming under a different parallel layout, through the layout-free checkpoint written next to DeepSpeed's.
+
+DeepSpeed's own files (ZeRO partitions, pipeline layer files, per-rank RNG) only load into the layout that wrote
+them. Every trainer checkpoint therefore also holds `<tag>/canonical/` (parallel/canonical.py: full, unsplit fp32
+weights, BatchNorm statistics and Adam moments under OFA names, plus the optimizer step and the learning-rate
+schedule position). `--resume` under the same layout loads DeepSpeed's files as before (bit-exact, RNG included), except
+with pp > 1: DeepSpeed's pipeline checkpoint does not save tied layers built with a forward_fn (OFA's shared
+embedding), so pipelines always load the layout-free copy (plus, under the same layout, the per-rank RNG). Under
+another layout (tp, pp, dp, ZeRO stage or world size differ) it loads the weights into the freshly built
+module before deepspeed.initialize and the moments into the engine afterwards. What does not carry over: the
+per-rank RNG streams (dropout draws after the resume differ from an uninterrupted run; losses match exactly only
+without dropout) and fp16 loss-scaler state.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ofa_scale.errors import UserError
+
+CANONICAL_DIR = "canonical"
+LAYOUT_KEYS = ("tp", "pp", "dp", "zero_stage")
+
+
+def same_layout(saved_layout: Optional[dict], saved_world: Optional[int], layout, world_size: int) -> bool:
+    """Whether DeepSpeed's per-process files can be loaded as they are."""
+    if saved_world is not None and saved_world != world_size:
+        return False
+    if saved_layout is None:  # checkpoints from before layouts were recorded: the world size is all we know
+        return True
+    return all(saved_layout.get(k) == getattr(layout, k) for k in LAYOUT_KEYS)
+
+
+def canonical_dir(tag_dir: Path) -> Path:
+    return Path(tag_dir) / CANONICAL_DIR
+
+
+def require_canonical(tag_dir: Path, saved_layout: Optional[dict], saved_world: Optional[int]) -> None:
+    if not (canonical_dir(tag_dir) / "canonical.json").is_file():
+        raise UserError(f"{tag_dir} (written under layout {saved_layout or {}}, {saved_world} processes) holds no "
+                        f"layout-free copy ({CANONICAL_DIR}/), which resuming a pipeline or changing the layout "
+                        f"needs; resume with the original layout and process count (and pp=1)")
+
+
+class _EngineView:
+    """What parallel/canonical.py reads from an engine (`.module`, `.optimizer`), with the trainer's GroupsForward
+    wrapper removed so parameter names are OFA's (`encoder.…`, not `model.encoder.…`)."""
+
+    def __init__(self, engine):
+        from ofa_scale.training.step import GroupsForward
+
+        module = engine.module
+        self.module = module.model if isinstance(module, GroupsForward) else module
+        self.optimizer = engine.optimizer
+
+
+def write_canonical(ctx, engine, tag_dir: Path, model_config, step: int, lr_scheduler) -> None:
+    """Collective: every rank calls it; global rank 0 writes `<tag_dir>/canonical/`."""
+    from ofa_scale.parallel.canonical import full_shapes, save_canonical
+
+    save_canonical(ctx, _EngineView(engine), canonical_dir(tag_dir), full_shapes(model_config),
+                   extra={"step": step, "lr_schedule_step": int(lr_scheduler.last_epoch)}, model_config=model_config)
+
+
+def load_canonical_weights(tag_dir: Path, ctx, model: torch.nn.Module) -> None:
+    """This rank's shard of the checkpoint's weights (call before deepspeed.initialize)."""
+    from ofa_scale.parallel.canonical import load_model_weights, read_canonical
+
+    weights, _, _ = read_canonical(canonical_dir(tag_dir))
+    load_model_weights(ctx, model, weights)
+
+
+def load_canonical_optimizer(tag_dir: Path, ctx, engine, lr_scheduler) -> None:
+    """Adam moments and step counter into the engine, and the schedule back at the checkpoint's step."""
+    from ofa_scale.parallel.canonical import load_optimizer_state, read_canonical
+
+    _, moments, meta = read_canonical(canonical_dir(tag_dir))
+    load_optimizer_state(ctx, _EngineView(engine), moments, meta["optimizer_step"])
+    schedule_step = int(meta["extra"]["lr_schedule_step"])
+    # LambdaLR: lr = base_lr × λ(step); set the position and every group's lr to what step() would have left
+    lr_scheduler.last_epoch = schedule_step
+    lr_scheduler._step_count = schedule_step + 1
+    lrs = [base * fn(schedule_step) for base, fn in zip(lr_scheduler.base_lrs, lr_scheduler.lr_lambdas)]
+    for group, lr in zip(lr_scheduler.optimizer.param_groups, lrs):
+        group["lr"] = lr
+    lr_scheduler._last_lr = lrs
+    engine.global_steps = int(meta["extra"]["step"])

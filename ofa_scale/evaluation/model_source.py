@@ -90,10 +90,8 @@ def _from_run(run_root: Path, tag: Optional[str]) -> EvalModel:
     from ofa_scale.model.config import OFAConfig
     from ofa_scale.model.ofa import OFAModel
     from ofa_scale.training.checkpoint import TRAINER_RECORD, find_latest
+    from ofa_scale.training.layout_resume import CANONICAL_DIR
     cfg = _run_config(run_root / "config.yaml")
-    if cfg.parallel.tp > 1 or cfg.parallel.pp > 1:
-        raise UserError(f"{run_root} was trained with tp={cfg.parallel.tp}, pp={cfg.parallel.pp}; evaluating "
-                        "split checkpoints is not supported yet, evaluate a tp=1, pp=1 run")
     ckpt_dir = run_root / "checkpoints"
     if tag is None:
         point = find_latest(ckpt_dir)
@@ -104,7 +102,17 @@ def _from_run(run_root: Path, tag: Optional[str]) -> EvalModel:
     elif not (ckpt_dir / tag / TRAINER_RECORD).is_file():
         raise UserError(f"{ckpt_dir / tag} is not a complete checkpoint (no {TRAINER_RECORD}); pick another step")
     tokenizer = load_tokenizer(cfg.data.tokenizer.kind, cfg.data.tokenizer.path, num_bins=cfg.objectives.num_bins)
-    state = _engine_state_dict(ckpt_dir, tag, cfg.parallel.zero_stage)
+    canonical = ckpt_dir / tag / CANONICAL_DIR / "model.safetensors"
+    if canonical.is_file():
+        # the trainer's layout-free copy: full OFA-named tensors whatever the tp/pp/ZeRO layout was
+        from safetensors.torch import load_file
+
+        state = load_file(str(canonical))
+    elif cfg.parallel.tp > 1 or cfg.parallel.pp > 1:
+        raise UserError(f"{ckpt_dir / tag} has no layout-free copy ({CANONICAL_DIR}/) and was trained with "
+                        f"tp={cfg.parallel.tp}, pp={cfg.parallel.pp}; resume and checkpoint it with this version")
+    else:
+        state = _engine_state_dict(ckpt_dir, tag, cfg.parallel.zero_stage)
     rows = _embedding_rows(state, ckpt_dir / tag)
     _check_vocab(rows, tokenizer, str(ckpt_dir / tag))
     config = OFAConfig.preset(cfg.model.arch, **{**cfg.model.overrides, "vocab_size": rows})

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from tests.train.conftest import read_metrics, run_train, tiny_config, write_config
 
@@ -73,6 +74,19 @@ def test_tp2_matches_one_process_and_resumes_under_tp1(reference, tiny_data, tmp
     record = json.loads((run_dir / "checkpoints" / "step_000002" / "trainer.json").read_text())
     assert record["layout"]["tp"] == 2
     assert (run_dir / "checkpoints" / "step_000002" / "canonical" / "canonical.json").is_file()
+
+    # ofa-eval reads a split run through the same layout-free copy: every tensor of the full model, unsharded
+    from ofa_scale.evaluation.model_source import load_eval_model
+    from ofa_scale.parallel.canonical import read_canonical
+
+    step_dir = run_dir / "checkpoints" / "step_000002"
+    loaded = load_eval_model(step_dir)
+    full, _, _ = read_canonical(step_dir / "canonical")
+    state = loaded.model.state_dict()
+    shared = [k for k in full if k in state]
+    assert "encoder.embed_tokens.weight" in shared and len(shared) > 50
+    for key in shared:
+        assert torch.equal(state[key], full[key].to(state[key].dtype)), key
 
     # the same run continued by one process: DeepSpeed's tp=2 files cannot load, the layout-free copy does
     config1 = write_config(tmp_path / "tp1.yaml", parallel_config(tiny_data))

@@ -47,6 +47,9 @@ class RunDir:
         return self.root / "layout.json"
 
     def write_config(self, config: dict) -> None:
+        # parallel.micro_batches is derived at launch (layout.json records it); leaving it out keeps the saved
+        # config a valid input to `ofa-train --config RUN/config.yaml`.
+        config = {**config, "parallel": {k: v for k, v in config.get("parallel", {}).items() if k != "micro_batches"}}
         atomic_write_text(self.config, yaml.safe_dump(config, sort_keys=False))
 
     def write_json(self, path: Path, obj) -> None:

@@ -102,3 +102,14 @@ def test_fp16_on_a_cpu_only_machine_is_refused_before_start(config_file, capsys,
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same answer on a GPU host
     rc = main(["--config", str(config_file()), "--run-dir", "unused", "--validate-only", "--set", "precision=fp16"])
     assert rc == 2 and "precision=fp16 needs a GPU" in capsys.readouterr().err
+
+
+def test_a_runs_saved_config_is_a_valid_config(config_file, tmp_path):
+    from ofa_scale.training.run_dir import open_run_dir
+
+    cfg = load_training_config(config_file())
+    run, _ = open_run_dir(tmp_path / "run", resume=False)
+    run.root.mkdir(parents=True, exist_ok=True)
+    run.write_config(cfg.to_dict())
+    again = load_training_config(run.config)
+    assert again.to_dict() == cfg.to_dict()

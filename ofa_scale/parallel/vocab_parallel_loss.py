@@ -12,20 +12,12 @@ forward, identity backward), so each rank gets exactly the gradient of its own l
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
-
-@dataclass
-class TokenLosses:
-    """Per-target-position results, (B, T) each; positions with `valid` False are padding and carry zeros."""
-
-    loss: torch.Tensor
-    nll: torch.Tensor
-    valid: torch.Tensor
-    correct: torch.Tensor
+# the same per-token record as the single-process loss, so the reductions downstream are shared
+from ofa_scale.objectives.loss import TokenLosses  # noqa: F401  (re-exported)
 
 
 def _reduce(x: torch.Tensor, group, tp: int) -> torch.Tensor:

@@ -114,16 +114,25 @@ class EncoderEmbedPipe(nn.Module):
                             tgt_emb, prev_output_tokens, code_masks))
 
 
-class EncoderLayerPipe(nn.Module):
+class _LayerWithRelTables(nn.Module):
+    """One transformer layer plus its own relative-position tables (OFA keeps those at encoder/decoder level,
+    named `<side>.{token,image}_rel_pos_table_list.<i>`; a pipeline stage needs them next to the layer)."""
+
+    side = ""
+
     def __init__(self, layer: nn.Module, token_table: nn.Module, image_table: nn.Module, index: int, cfg):
         super().__init__()
         self.layer = layer
         self.token_table = token_table
         self.image_table = image_table
         self.cfg = cfg
-        self.prefix_map = {"layer": f"encoder.layers.{index}",
-                           "token_table": f"encoder.token_rel_pos_table_list.{index}",
-                           "image_table": f"encoder.image_rel_pos_table_list.{index}"}
+        self.prefix_map = {"layer": f"{self.side}.layers.{index}",
+                           "token_table": f"{self.side}.token_rel_pos_table_list.{index}",
+                           "image_table": f"{self.side}.image_rel_pos_table_list.{index}"}
+
+
+class EncoderLayerPipe(_LayerWithRelTables):
+    side = "encoder"
 
     def forward(self, inputs):
         x, pad, abs_bias, pos_embed, image_ids, tgt_emb, prev, code = inputs
@@ -163,16 +172,8 @@ class DecoderEmbedPipe(nn.Module):
         return _contiguous((dx, self_pad, pos.abs_bias, enc_states, pad, cross, code))
 
 
-class DecoderLayerPipe(nn.Module):
-    def __init__(self, layer: nn.Module, token_table: nn.Module, image_table: nn.Module, index: int, cfg):
-        super().__init__()
-        self.layer = layer
-        self.token_table = token_table
-        self.image_table = image_table
-        self.cfg = cfg
-        self.prefix_map = {"layer": f"decoder.layers.{index}",
-                           "token_table": f"decoder.token_rel_pos_table_list.{index}",
-                           "image_table": f"decoder.image_rel_pos_table_list.{index}"}
+class DecoderLayerPipe(_LayerWithRelTables):
+    side = "decoder"
 
     def forward(self, inputs):
         x, self_pad, self_abs, enc_states, enc_pad, cross, code = inputs

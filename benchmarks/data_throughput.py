@@ -9,7 +9,11 @@ Prints one table measured side by side in one run (every repeat runs every path,
   (c) shard path over shards converted with --downscale-shorter-side 480 (also with Pillow's crop-before-resize,
       for comparison);
   (d) bare decode of the stored image bytes (the floor of any path that decodes);
-and conversion MB/s (TSV bytes in / wall time, the rows repeated 4x) with 1 and 2 workers.
+and a second table for `ofa-preprocess shards` (the rows repeated --convert-copies times): 1 and 2 workers, in wall
+MB/s and in MB per CPU-second of all its processes, against a decode-and-write floor measured in the same run
+(one process: split the line, base64-decode, validate the image as the converter does, write the bytes to a
+file; no JSON, tar, index or rejects). Repeats are interleaved (1, 2, floor, 1, 2, floor, ...) so that a change in
+the machine's load hits every row alike; the load average before and after is printed with the table.
 
 Images: scikit-image's bundled photographs, centre-cropped to 4:3 and re-encoded as JPEG q90 in equal parts at
 640x480, 1024x768 and 2048x1536. Everything runs in this process with torch limited to one thread, so samples/s is
@@ -18,6 +22,7 @@ in wall seconds (its 2-worker run uses two processes). Medians over repeats; rat
 
     python benchmarks/data_throughput.py            # full table (a few minutes)
     python benchmarks/data_throughput.py --quick    # small set, < 2 minutes
+    python benchmarks/data_throughput.py --quick --convert-only --convert-copies 40   # conversion table only
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import argparse
 import base64
 import io
 import math
+import os
 import random
 import shutil
 import statistics
@@ -39,6 +45,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ofa_scale.data.image_check import check_image, decode_base64
 from ofa_scale.data.image_ops import (
     OFA_CROP,
     OFA_MAX_SIDE,
@@ -171,19 +178,103 @@ def timed(fn, *args) -> tuple[float, int]:
     return CLOCK() - start, n
 
 
-def convert_once(tsv: Path, out: Path, workers: int, downscale: int | None, chunk_mb: float) -> float:
-    """Seconds for one conversion, timed in a fresh interpreter: the worker processes the converter spawns then
-    import only what the converter needs, as they do under `ofa-preprocess shards`."""
+def convert_once(tsv: Path, out: Path, workers: int, downscale: int | None, chunk_mb: float
+                 ) -> tuple[float, float, float]:
+    """(wall seconds, CPU seconds of the converting process, CPU seconds of its workers) for one conversion, in a
+    fresh interpreter started like `ofa-preprocess shards` (so its workers start as they do under the CLI)."""
     if out.exists():
         shutil.rmtree(out)
-    code = ("import sys, time; from ofa_scale.data.convert import convert; t = time.perf_counter(); "
+    code = ("import resource, time; from ofa_scale.data.convert import convert; t = time.perf_counter(); "
+            "c = time.process_time(); "
             f"convert({str(out)!r}, vl={str(tsv)!r}, workers={workers}, downscale_shorter_side={downscale!r}, "
-            f"chunk_mb={chunk_mb!r}, shard_size_mb=64); print(time.perf_counter() - t)")
+            f"chunk_mb={chunk_mb!r}, shard_size_mb=64); wall = time.perf_counter() - t; "
+            # Stop the fork server (it has reaped the workers), so that its CPU time and theirs are counted.
+            "from multiprocessing import forkserver; forkserver._forkserver._stop(); "
+            "r = resource.getrusage(resource.RUSAGE_CHILDREN); "
+            "print(wall, time.process_time() - c, r.ru_utime + r.ru_stime)")
     result = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
-    return float(result.stdout.strip().splitlines()[-1])
+    wall, parent, workers_cpu = result.stdout.strip().splitlines()[-1].split()
+    return float(wall), float(parent), float(workers_cpu)
 
 
-# ---------------------------------------------------------------------------------------------- main
+def decode_and_write_floor(tsv: Path, out: Path) -> tuple[float, float, float]:
+    """(wall, CPU, 0) seconds of the least any converter with the same checks does: per line split the columns,
+    base64-decode the image, validate it like the converter (`check_image`), append the bytes to one file."""
+    t, c = time.perf_counter(), time.process_time()
+    with open(tsv, "rb") as f, open(out, "wb") as w:
+        for line in f:
+            cols = line.rstrip(b"\n").split(b"\t")
+            w.write(check_image(decode_base64(cols[1])).data)
+        w.flush()
+        os.fsync(w.fileno())
+    return time.perf_counter() - t, time.process_time() - c, 0.0
+
+
+def import_cpu() -> float:
+    """CPU seconds a fresh interpreter takes to import the converter: what the fork server pays once, before
+    any worker exists (serial work in the CPU model below)."""
+    code = "import time; import ofa_scale.data.convert; print(time.process_time())"
+    return float(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout)
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def conversion_table(big: Path, work: Path, repeats: int) -> None:
+    """1 and 2 workers against the floor, interleaved repeats, medians."""
+    big_mb = big.stat().st_size / 2**20
+    chunk_mb = max(big_mb / 8, 0.05)  # several chunks so that 2 conversion workers both have work
+    runs: dict[str, list[tuple[float, float, float]]] = {"floor": [], "1": [], "2": []}
+    imports: list[float] = []
+    load_before = load_average()
+    for _ in range(repeats):
+        for workers in (1, 2):
+            runs[str(workers)].append(convert_once(big, work / "conversion_out", workers, None, chunk_mb))
+        runs["floor"].append(decode_and_write_floor(big, work / "floor.bin"))
+        imports.append(import_cpu())
+    load_after = load_average()
+    shutil.rmtree(work / "conversion_out")
+    (work / "floor.bin").unlink()
+
+    def rate(name: str, seconds) -> float:
+        """Median MB/s over the repeats, `seconds(wall, parent CPU, workers' CPU, workers)` giving the time."""
+        n = 1 if name == "floor" else int(name)
+        return statistics.median(big_mb / seconds(*r, n) for r in runs[name])
+
+    def wall(w, p, c, n):
+        return w
+
+    def cpu(w, p, c, n):
+        return p + c
+
+    start = statistics.median(imports)
+
+    def idle(w, p, c, n):  # serial: the parent's CPU and the fork server's import; the rest evenly shared
+        return p + c if n == 1 else p + start + (c - start) / n
+
+    with open(big, "rb") as f:
+        rows = sum(1 for _ in f)
+    print(f"\nofa-preprocess shards on {big_mb:.0f} MB of TSV ({rows} rows, {chunk_mb:.1f} MB chunks), median of "
+          f"{repeats} interleaved repeats; {os.cpu_count()} CPUs, load average (1/5/15 min) {load_before} before, "
+          f"{load_after} after")
+    print(f"{'run':58} {'wall MB/s':>9} {'vs 1 w':>7} {'per worker':>10} {'MB/CPU-s':>9} {'vs floor':>8} "
+          f"{'CPU-model MB/s':>14} {'vs 1 w':>7}")
+    floor = rate("floor", cpu)
+    for name, label in (("floor", "decode-and-write floor, 1 process"), ("1", "conversion, 1 worker"),
+                        ("2", "conversion, 2 workers")):
+        n = 1 if name == "floor" else int(name)
+        w, c, m = rate(name, wall), rate(name, cpu), rate(name, idle)
+        vs_wall = f"{w / rate('1', wall):6.2f}x" if name != "floor" else ""
+        vs_model = f"{m / rate('1', idle):6.2f}x" if name != "floor" else ""
+        print(f"{label:58} {w:9.1f} {vs_wall:>7} {w / n:10.1f} {c:9.1f} {c / floor:7.2f}x {m:14.1f} {vs_model:>7}")
+    print("MB/CPU-s: MB per CPU-second of all processes of the run (parent and workers), unaffected by other "
+          "jobs; 'vs floor' is the per-core efficiency.\nCPU-model MB/s: MB / (parent CPU + workers' CPU / "
+          f"workers), serial: the parent's CPU and the fork server's import ({start:.2f} s); the wall time of an "
+          "idle machine if the workers' share were evenly split.\nWall MB/s "
+          "is only fair on an idle machine (see the load average).")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small image set and 3 repeats (< 2 minutes)")
@@ -191,6 +282,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, help="repeats per measurement (median reported)")
     parser.add_argument("--convert-copies", type=int, help="times the TSV is repeated as conversion input")
     parser.add_argument("--wall", action="store_true", help="time the paths in wall seconds (idle machines)")
+    parser.add_argument("--convert-only", action="store_true", help="only the conversion table")
     parser.add_argument("--workdir", help="where to write the TSV and shards (default: a temp dir, removed)")
     args = parser.parse_args()
     images = args.images or (24 if args.quick else 96)
@@ -212,13 +304,10 @@ def main() -> None:
         with open(big, "wb") as f:
             for _ in range(args.convert_copies or (1 if args.quick else 4)):
                 f.write(tsv.read_bytes())
-        big_mb = big.stat().st_size / 2**20
-        chunk_mb = max(big_mb / 8, 0.05)  # several chunks so that 2 conversion workers both have work
-        conv: dict[int, list[float]] = {1: [], 2: []}
-        for _ in range(repeats):
-            for workers in (1, 2):
-                conv[workers].append(convert_once(big, work / "conversion_out", workers, None, chunk_mb))
-        shutil.rmtree(work / "conversion_out")
+        conversion_table(big, work, repeats)
+        if args.convert_only:
+            return
+        chunk_mb = max(tsv.stat().st_size / 2**20 / 8, 0.05)
         convert_once(tsv, work / "shards_default", 1, None, chunk_mb)
         convert_once(tsv, work / "shards_480", 1, 480, chunk_mb)
         blobs_default = stored_bytes(work / "shards_default")
@@ -254,11 +343,6 @@ def main() -> None:
         for name, values in rates.items():
             med = statistics.median(values)
             print(f"{name:58} {med:10.1f} {'samples/s/core':>14} {med / base:7.2f}x")
-        c1 = statistics.median(big_mb / t for t in conv[1])
-        for workers in (1, 2):
-            med = statistics.median(big_mb / t for t in conv[workers])
-            label = f"conversion of {big_mb:.0f} MB TSV, {workers} worker(s) (vs 1 worker)"
-            print(f"{label:58} {med:10.1f} {'MB/s':>14} {med / c1:7.2f}x")
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)

@@ -1,11 +1,16 @@
-"""Training-step benchmark of the OFA model: forward + backward, math vs fused (SDPA) attention, side by side.
+"""Training-step benchmark of the OFA model: forward + backward, math vs fused (SDPA) attention, eager vs compiled
+(`train.compile`: per-block torch.compile) and channels-last stem (`train.channels_last`), side by side.
 
 CPU (default): ofa_tiny, batch 8, 256×256 images, 30 source and 20 target tokens, 2 threads.
     python benchmarks/model_step.py
+    python benchmarks/model_step.py --impls sdpa --variants eager,channels-last,compiled,compiled+channels-last
 GPU: python benchmarks/model_step.py --device cuda --arch ofa_base,ofa_large --dtype bf16
 
-Timing: the two attention paths are run interleaved (math, sdpa, math, sdpa, …) after warm-up, so machine noise
-hits both alike; the table shows medians and the sdpa/math ratio. Tokens/s counts every token the transformer
+Timing: every (attention path, variant) is run interleaved (math/eager, sdpa/eager, math/compiled, …) after
+warm-up, so machine noise hits all alike; the table shows medians and the ratio to the eager step of the same
+attention path. Each variant is its own model built from the same seed. Compile time is reported separately: the
+first step of a compiled variant (tracing + code generation + the step) minus its median step; the inductor
+caches on disk make a second run of the same shapes compile faster. Tokens/s counts every token the transformer
 processes: batch × (image tokens + source + target). MFU = analytic FLOPs of the step (ofa_scale.model.flops:
 transformer matmuls + attention + ResNet convolutions, backward = 2× forward) / time / the device's dense peak
 (--peak-tflops; default from the GPU name: H100/H200 989 bf16 TFLOP/s, A100 312).
@@ -23,9 +28,13 @@ from torch.nn import functional as F
 
 from ofa_scale.model import OFAConfig, OFAModel, kernels
 from ofa_scale.model.flops import step_flops
+from ofa_scale.parallel.compile import compile_model
 
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# variant -> (train.compile, train.channels_last)
+VARIANTS = {"eager": (False, False), "channels-last": (False, True), "compiled": (True, False),
+            "compiled+channels-last": (True, True)}
 
 
 def make_batch(args, device, dtype, generator):
@@ -45,6 +54,22 @@ def train_step(model, batch, target, device):
     model.zero_grad(set_to_none=True)
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def build_model(cfg, device, dtype, variant: str) -> OFAModel:
+    torch.manual_seed(0)  # every variant starts from the same weights
+    model = OFAModel(cfg).to(device=device, dtype=dtype).train()
+    compiled, channels_last = VARIANTS[variant]
+    if compiled or channels_last:
+        compile_model(model, compile=compiled, channels_last=channels_last)
+    return model
+
+
+def timed_step(model, impl, batch, target, device) -> float:
+    model.set_attention_impl(impl)
+    start = time.perf_counter()
+    train_step(model, batch, target, device)
+    return time.perf_counter() - start
 
 
 def peak_tflops(args, device) -> float | None:
@@ -72,6 +97,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--impls", default="math,sdpa")
+    p.add_argument("--variants", default="eager,compiled",
+                   help=f"comma-separated, from {', '.join(VARIANTS)}; ratios are to 'eager' when it is listed")
     p.add_argument("--peak-tflops", type=float, default=None)
     args = p.parse_args(argv)
 
@@ -80,6 +107,10 @@ def main(argv=None) -> int:
     dtype = DTYPES[args.dtype or ("fp32" if device.type == "cpu" else "bf16")]
     archs = (args.arch or "ofa_tiny").split(",")
     impls = args.impls.split(",")
+    variants = args.variants.split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        p.error(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
     peak = peak_tflops(args, device)
     kernels.describe(verbose=True)
     print(f"device={device} dtype={dtype} batch={args.batch} image={args.image_size} src={args.src_len} "
@@ -87,43 +118,47 @@ def main(argv=None) -> int:
 
     rows = []
     for arch in archs:
-        torch.manual_seed(0)
         cfg = OFAConfig.preset(arch)
-        model = OFAModel(cfg).to(device=device, dtype=dtype).train()
+        models = {v: build_model(cfg, device, dtype, v) for v in variants}
         batch, target = make_batch(args, device, dtype, torch.Generator().manual_seed(0))
         flops = step_flops(cfg, args.batch, args.src_len, args.tgt_len, args.image_size)
         n_img = (args.image_size // 16) ** 2
         tokens = args.batch * (n_img + args.src_len + args.tgt_len)
-        times: dict[str, list[float]] = {impl: [] for impl in impls}
-        for impl in impls:  # warm-up each path (allocator, kernel selection)
-            model.set_attention_impl(impl)
-            for _ in range(args.warmup):
-                train_step(model, batch, target, device)
+        runs = [(impl, v) for v in variants for impl in impls]
+        first: dict[tuple[str, str], float] = {}
+        times: dict[tuple[str, str], list[float]] = {run: [] for run in runs}
+        for impl, v in runs:  # warm-up each path (compilation, allocator, kernel selection)
+            first[(impl, v)] = timed_step(models[v], impl, batch, target, device)
+            for _ in range(args.warmup - 1):
+                timed_step(models[v], impl, batch, target, device)
         for _ in range(args.repeats):
-            for impl in impls:
-                model.set_attention_impl(impl)
-                start = time.perf_counter()
-                train_step(model, batch, target, device)
-                times[impl].append(time.perf_counter() - start)
-        base = statistics.median(times[impls[0]])
-        for impl in impls:
-            med = statistics.median(times[impl])
+            for impl, v in runs:
+                times[(impl, v)].append(timed_step(models[v], impl, batch, target, device))
+        for impl, v in runs:
+            med = statistics.median(times[(impl, v)])
+            base_variant = "eager" if "eager" in variants else variants[0]
+            base = statistics.median(times[(impl, base_variant)])
             tflops = flops.train_step / med / 1e12
-            rows.append((arch, impl, str(dtype).replace("torch.", ""), med, min(times[impl]), tokens / med, tflops,
-                         (tflops / peak) if peak else None, med / base))
-        del model
+            compile_s = first[(impl, v)] - med if VARIANTS[v][0] else None
+            rows.append((arch, impl, v, str(dtype).replace("torch.", ""), med, min(times[(impl, v)]), tokens / med,
+                         tflops, (tflops / peak) if peak else None, med / base, compile_s))
+        del models
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    header = f"{'arch':<11} {'attention':<9} {'dtype':<8} {'median s':>9} {'min s':>7} {'tokens/s':>10} " \
-             f"{'TFLOP/s':>8} {'MFU':>6} {'ratio':>6}"
+    header = f"{'arch':<11} {'attention':<9} {'variant':<22} {'dtype':<8} {'median s':>9} {'min s':>7} " \
+             f"{'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'ratio':>6} {'compile s':>9}"
     print(header)
     print("-" * len(header))
-    for arch, impl, dt, med, fastest, tps, tf, mfu, ratio in rows:
+    for arch, impl, v, dt, med, fastest, tps, tf, mfu, ratio, compile_s in rows:
         mfu_s = f"{100 * mfu:5.1f}%" if mfu is not None else "   n/a"
-        print(f"{arch:<11} {impl:<9} {dt:<8} {med:9.3f} {fastest:7.3f} {tps:10.0f} {tf:8.3f} {mfu_s:>6} {ratio:6.2f}")
-    print(f"(ratio = median / median of '{impls[0]}' for the same arch; tokens/s, TFLOP/s and MFU use the median; "
-          f"min s shows how much of the spread is machine noise)")
+        comp = f"{compile_s:9.1f}" if compile_s is not None else f"{'-':>9}"
+        print(f"{arch:<11} {impl:<9} {v:<22} {dt:<8} {med:9.3f} {fastest:7.3f} {tps:10.0f} {tf:8.3f} {mfu_s:>6} "
+              f"{ratio:6.2f} {comp}")
+    base_name = "eager" if "eager" in variants else variants[0]
+    print(f"(ratio = median / median of '{base_name}' for the same arch and attention; compile s = first step - "
+          f"median step, i.e. tracing and code generation; tokens/s, TFLOP/s and MFU use the median; min s shows "
+          f"how much of the spread is machine noise)")
     return 0
 
 

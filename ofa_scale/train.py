@@ -30,6 +30,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop-after", type=int, default=None, metavar="N",
                    help="checkpoint and stop after N steps of this invocation (time-sliced jobs; resume later)")
     p.add_argument("--validate-only", action="store_true", help="check the config and exit")
+    p.add_argument("--check", action="store_true",
+                   help="validate, build the model on the meta device under the layout, print the layout, parameters "
+                        "per rank and the planner's memory estimate, and exit (no process group is started)")
+    p.add_argument("--world-size", type=int, default=None, metavar="N",
+                   help="with --check/--validate-only: the number of processes to plan for (default: the launcher's)")
     # The deepspeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same.
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p
@@ -43,26 +48,42 @@ def quiet_library_warnings() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    # Before anything slow (config, torch, DeepSpeed imports, the model): a preemption signal that arrives during
+    # start-up is remembered and ends the run cleanly at its first step boundary instead of killing it.
+    from ofa_scale.training.stop import StopRequest
+
+    stop = StopRequest()
     quiet_library_warnings()
 
     def go() -> int:
         from ofa_scale.training.config import load_training_config, world_size_from_env
 
         cfg = load_training_config(args.config, args.overrides)
-        from ofa_scale.training.loop import prepare, train
+        world = args.world_size or world_size_from_env()
+        if world < 1:
+            raise UserError("--world-size must be a positive number of processes")
+        if args.check:
+            from ofa_scale.training.check import check_config
+
+            print(check_config(cfg, world))
+            return 0
+        from ofa_scale.training.loop import plan, train
 
         if args.validate_only:
-            _, layout, grad_accum = prepare(cfg, world_size_from_env())
+            _, layout, grad_accum = plan(cfg, world)
             print(f"ofa-train: config is valid ({layout.describe()}, gradient accumulation {grad_accum})")
             return 0
 
         if args.stop_after is not None and args.stop_after < 1:
             raise UserError("--stop-after must be a positive number of steps")
         run_dir = args.run_dir or str(Path("runs") / Path(args.config).stem)
-        train(cfg, run_dir, resume=args.resume, stop_after=args.stop_after)
+        train(cfg, run_dir, resume=args.resume, stop_after=args.stop_after, stop=stop)
         return 0
 
-    return run_cli(go, "ofa-train")
+    try:
+        return run_cli(go, "ofa-train")
+    finally:
+        stop.restore()
 
 
 if __name__ == "__main__":

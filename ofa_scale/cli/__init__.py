@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Callable
 
 from ofa_scale.errors import UserError
@@ -45,3 +46,14 @@ def subcommand_main(prog: str, description: str, subcommands: dict[str, tuple[st
         return importlib.import_module(args._module).run(args)
 
     return run_cli(_go, prog)
+
+
+def require_empty_out(out: str | Path) -> Path:
+    """An `--out` directory must be new or empty (as `ofa-preprocess` requires): writing into one that holds
+    something would silently mix or replace earlier results. Checked before any slow work starts."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file; choose an empty or new --out directory.")
+    if out.is_dir() and any(out.iterdir()):
+        raise UserError(f"output directory {out} is not empty; choose an empty or new --out (or delete it).")
+    return out

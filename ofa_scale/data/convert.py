@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
+import errno
 import glob
 import json
 import multiprocessing
@@ -26,11 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-
 import ofa_scale
-from ofa_scale.data import parquet_input, tsv_chunks
+from ofa_scale.data import parquet_input, rejects_tsv, shard_index, tsv_chunks
 from ofa_scale.data.image_check import DEFAULT_MAX_PIXELS, check_image, decode_base64
 from ofa_scale.data.shard_writer import ShardSequence, file_sha256, sample_key
 from ofa_scale.data.tsv_formats import (BAD_UTF8, BLANK_LINE, BOX_OUTSIDE_IMAGE, BOX_TOLERANCE_PX, EMPTY_TEXT,
@@ -45,11 +44,6 @@ DEFAULT_CHUNK_MB = 512.0
 PROGRESS_FILE = ".convert-progress.json"
 PARTS_DIR = ".parts"
 NEGATIVE_FILES = ("all_captions.txt", "object.txt", "type2ans.json")
-REJECT_COLUMNS = ("source", "line_number", "uniq_id", "reason", "line")
-INDEX_SCHEMA = pa.schema([("key", pa.string()), ("uniq_id", pa.string()), ("shard", pa.string()),
-                          ("line", pa.int64()), ("width", pa.int32()), ("height", pa.int32()),
-                          ("bytes", pa.int64())])
-_PART_INDEX_SCHEMA = INDEX_SCHEMA.set(2, pa.field("shard", pa.int32()))  # part number until final names exist
 
 
 # ----------------------------------------------------------------------------------------------- plan
@@ -266,20 +260,12 @@ def convert_parquet_row(key: str | None, data: bytes | None, caption: str | None
     return sample_key(task.key_line_offset + line, uniq_id), meta, _sample(meta, members)
 
 
-def _reject_id(raw: bytes, fmt: RowFormat) -> str:
+def _reject_id(raw: bytes, fmt: RowFormat) -> bytes:
+    """The id column of a rejected line, undecoded (rejects_tsv bounds and decodes it)."""
     if fmt.id_column is None:
-        return ""
-    cols = raw.split(b"\t")
-    if len(cols) <= fmt.id_column:
-        return ""
-    try:
-        return cols[fmt.id_column].decode("utf-8")
-    except UnicodeDecodeError:
-        return ""
-
-
-def _tsv_field(s: str) -> str:
-    return s.replace("\\", "\\\\").replace("\t", "\\t").replace("\r", "\\r").replace("\n", "\\n")
+        return b""
+    cols = raw.split(b"\t", fmt.id_column + 1)
+    return cols[fmt.id_column] if len(cols) > fmt.id_column else b""
 
 
 # ----------------------------------------------------------------------------------------------- one chunk
@@ -348,13 +334,12 @@ def convert_chunk(task: ChunkTask) -> dict:
     stats = _ChunkStats()
     rows = written = rejected = 0
     pending_rows = pending_bytes = 0
-    idx: dict[str, list] = {n: [] for n in _PART_INDEX_SCHEMA.names}
     index_tmp = index_path.with_name("." + index_path.name + ".tmp")
     rejects_tmp = rejects_path.with_name("." + rejects_path.name + ".tmp")
     counters = _COUNTERS
     try:
         with open(rejects_tmp, "w", encoding="utf-8", newline="\n") as rej, \
-                pq.ParquetWriter(index_tmp, _PART_INDEX_SCHEMA) as index_writer:
+                shard_index.PartIndexWriter(index_tmp) as index_writer:
             for line, nbytes, row in _iter_chunk_rows(task, fmt):
                 rows += 1
                 try:
@@ -366,33 +351,28 @@ def convert_chunk(task: ChunkTask) -> dict:
                     rejected += 1
                     stats.reasons[e.code] += 1
                     if task.kind == "tsv":
-                        uid, shown = _reject_id(row, fmt), row.decode("utf-8", "replace")[:200]
+                        uid, shown = _reject_id(row, fmt), row
                     else:
                         uid = row[0] or ""
-                        shown = f"key={row[0]} txt={row[2]}"[:200]
-                    rej.write("\t".join([task.source, str(line), _tsv_field(uid), _tsv_field(e.reason),
-                                         _tsv_field(shown)]) + "\n")
+                        shown = f"key={row[0]} txt={row[2]}"
+                    rej.write(rejects_tsv.line(task.source, line, uid, e.reason, shown))
                 else:
                     part = seq.add(key, members)
                     written += 1
                     stats.add(meta, members)
                     im = meta.get("image") or {}
-                    for name, val in (("key", key), ("uniq_id", meta["uniq_id"]), ("shard", part),
-                                      ("line", line), ("width", im.get("width")), ("height", im.get("height")),
-                                      ("bytes", sum(len(v) for v in members.values()))):
-                        idx[name].append(val)
-                    if len(idx["key"]) >= 50_000:
-                        index_writer.write_table(pa.table(idx, schema=_PART_INDEX_SCHEMA))
-                        idx = {n: [] for n in _PART_INDEX_SCHEMA.names}
+                    index_writer.add(key, meta["uniq_id"], part, line, im.get("width"), im.get("height"),
+                                     sum(len(v) for v in members.values()))
                 pending_rows += 1
                 pending_bytes += nbytes
                 if pending_rows >= 64 and counters is not None:
                     counters.add(task.source_index, pending_rows, pending_bytes)
                     pending_rows = pending_bytes = 0
-            index_writer.write_table(pa.table(idx, schema=_PART_INDEX_SCHEMA))
         parts = seq.close()
     except BaseException:
         seq.abort()
+        for tmp in (rejects_tmp, index_tmp):  # free their space now (disk full), not at the next attempt
+            tmp.unlink(missing_ok=True)
         raise
     if counters is not None:
         counters.add(task.source_index, pending_rows, pending_bytes)
@@ -407,6 +387,22 @@ def convert_chunk(task: ChunkTask) -> dict:
         "index": {"path": rel(index_path), "sha256": file_sha256(index_path)},
         "stats": stats.to_json(),
     }
+
+
+def _pool_context():
+    """Workers come from a fork server that has imported this module once, else are spawned.
+
+    A spawned worker starts a fresh interpreter and re-imports the converter (pyarrow, numpy, PIL): 0.2-0.5 s of
+    CPU per worker before it converts anything, which on 2 cores cancelled the second worker's gain on a 61 MB
+    input. Plain fork would avoid it but copies whatever threads and locks the caller holds: a caller that has
+    used pyarrow (its thread pools) or runs threads can deadlock a forked worker. The fork server is a fresh,
+    single-threaded process; it pays the import once and forks each worker ready to run. Same bytes either way.
+    """
+    if "forkserver" in multiprocessing.get_all_start_methods():
+        ctx = multiprocessing.get_context("forkserver")
+        ctx.set_forkserver_preload([__name__])  # no effect if this process already runs a fork server
+        return ctx
+    return multiprocessing.get_context("spawn")
 
 
 def _count_task(args: tuple[str, str, int, int]) -> int:
@@ -537,26 +533,17 @@ def _finalise_source(out: Path, source: Source, results: list[dict], progress: d
                 os.replace(out / p["part"], final)
                 p["at"] = p["final"]
             shards.append({"path": p["final"], "samples": p["samples"], "bytes": p["bytes"], "sha256": p["sha256"]})
-    # Index: part numbers become final shard paths.
-    index_path = out / source.name / "index.parquet"
-    tmp = index_path.with_name(".index.parquet.tmp")
-    with pq.ParquetWriter(tmp, INDEX_SCHEMA) as w:
-        for r in results:
-            names = pa.array([p["final"] for p in r["parts"]] or [""], pa.string())
-            pf = pq.ParquetFile(out / r["index"]["path"])
-            for batch in pf.iter_batches():
-                if batch.num_rows == 0:
-                    continue
-                cols = [batch.column(i) for i in range(batch.num_columns)]
-                cols[2] = names.take(cols[2])
-                w.write_table(pa.Table.from_arrays(cols, schema=INDEX_SCHEMA))
-    os.replace(tmp, index_path)
+    # A source whose inputs are all empty has no chunks: it still gets its directory and an empty index.
+    (out / source.name).mkdir(parents=True, exist_ok=True)
+    shard_index.merge_parts(out / source.name / "index.parquet",
+                            [(out / r["index"]["path"], [p["final"] for p in r["parts"]]) for r in results])
     return {
         "format": source.format,
         "inputs": [i.path for i in source.inputs],
         "rows_read": sum(r["rows_read"] for r in results),
         "samples_written": sum(r["samples_written"] for r in results),
         "rejected": sum(r["rejected"] for r in results),
+        "inputs_empty": not results,  # every input file of this source is empty: no chunk, no shard, no row
         "shards": shards,
         "index": f"{source.name}/index.parquet",
         "stats": _merge_stats(results),
@@ -566,7 +553,7 @@ def _finalise_source(out: Path, source: Source, results: list[dict], progress: d
 def _write_rejects(out: Path, sources: list[Source], results: dict[str, list[dict]]) -> None:
     tmp = out / ".rejects.tsv.tmp"
     with open(tmp, "wb") as f:
-        f.write(("\t".join(REJECT_COLUMNS) + "\n").encode())
+        f.write(rejects_tsv.HEADER.encode())
         for s in sources:
             for r in sorted(results[s.name], key=lambda r: r["chunk_id"]):
                 with open(out / r["rejects"]["path"], "rb") as part:
@@ -602,6 +589,38 @@ def _check_negatives(negatives: str | None) -> str | None:
     return os.path.abspath(negatives)
 
 
+# ----------------------------------------------------------------------------------------------- disk full
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def _remove_temporaries(out: Path, sources: list[Source]) -> None:
+    """Delete the unfinished files of this run (all named `.*.tmp`), so a full disk gets its space back now.
+    Nothing a reader uses is touched: shards, indexes, rejects.tsv and manifest.json only ever appear by rename."""
+    dirs = [out, out / "negatives"] + [out / s.name for s in sources] + [_parts_dir(str(out), s.name)
+                                                                         for s in sources]
+    for d in dirs:
+        for tmp in d.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _disk_full_is_a_user_error(out: Path, sources: list[Source]):
+    """A full disk (in this process or a worker) ends in one sentence. Every output file is written under a
+    temporary name and renamed when complete, so what was published before (finished chunks, a previous
+    manifest) is intact, and --resume continues from the finished chunks."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in _DISK_FULL:
+            raise
+        _remove_temporaries(out, sources)
+        free = shutil.disk_usage(out).free / 2**20
+        where = f" writing {e.filename}" if e.filename else ""
+        raise UserError(f"the disk of {out} is full ({os.strerror(e.errno).lower()}{where}; {free:.0f} MiB free "
+                        f"after removing this run's unfinished files); free space or choose another --out, then "
+                        f"re-run with --resume to keep the finished chunks.") from None
+
+
 # ----------------------------------------------------------------------------------------------- entry point
 def convert(out: str | os.PathLike, *, vl=None, text=None, image=None, detection=None, negatives=None,
             vl_parquet=None, finetune: dict[str, Any] | None = None, workers: int = 1,
@@ -626,91 +645,94 @@ def convert(out: str | os.PathLike, *, vl=None, text=None, image=None, detection
                "downscale_shorter_side": downscale_shorter_side, "max_image_pixels": max_image_pixels}
     fingerprint = _fingerprint(sources, negatives, options)
     prior = _prepare_out(out, fingerprint, resume)
-    progress_path = out / PROGRESS_FILE
-    progress = bool(progress)
+    with _disk_full_is_a_user_error(out, sources):
+        progress_path = out / PROGRESS_FILE
+        progress = bool(progress)
 
-    # Plan chunks (boundaries depend on the files and chunk size only) and count their lines.
-    plan: list[tuple[Source, int, InputFile, int, int]] = []
-    for si, s in enumerate(sources):
-        for inp in s.inputs:
-            ranges = (tsv_chunks.plan_ranges(inp.path, options["chunk_bytes"]) if inp.kind == "tsv" else
-                      [(a, b) for a, b, _ in parquet_input.plan_row_groups(inp.path, options["chunk_bytes"])])
-            plan.extend((s, si, inp, a, b) for a, b in ranges)
-    old_chunks = (prior or {}).get("chunks", [])
-    if [c["range"] for c in old_chunks] == [[s.name, inp.path, a, b] for s, _, inp, a, b in plan]:
-        line_counts = [c["lines"] for c in old_chunks]
-    else:
-        old_chunks, line_counts = [], None
+        # Plan chunks (boundaries depend on the files and chunk size only) and count their lines.
+        plan: list[tuple[Source, int, InputFile, int, int]] = []
+        for si, s in enumerate(sources):
+            for inp in s.inputs:
+                ranges = (tsv_chunks.plan_ranges(inp.path, options["chunk_bytes"]) if inp.kind == "tsv" else
+                          [(a, b) for a, b, _ in parquet_input.plan_row_groups(inp.path, options["chunk_bytes"])])
+                plan.extend((s, si, inp, a, b) for a, b in ranges)
+        old_chunks = (prior or {}).get("chunks", [])
+        if [c["range"] for c in old_chunks] == [[s.name, inp.path, a, b] for s, _, inp, a, b in plan]:
+            line_counts = [c["lines"] for c in old_chunks]
+        else:
+            old_chunks, line_counts = [], None
 
-    ctx = multiprocessing.get_context("spawn")
-    shared = ctx.Array("d", 2 * len(sources)) if workers > 1 else None
-    counters = _Counters(len(sources), shared)
-    pool = ctx.Pool(workers, initializer=_init_worker, initargs=(shared, len(sources))) if workers > 1 else None
-    try:
-        count_args = [(inp.kind, inp.path, a, b) for _, _, inp, a, b in plan]
-        if line_counts is None:
-            line_counts = pool.map(_count_task, count_args) if pool else [_count_task(a) for a in count_args]
-        tasks: list[ChunkTask] = []
-        chunks_state: list[dict] = []
-        per_source_id: dict[str, int] = collections.Counter()
-        file_line: dict[tuple[str, str], int] = collections.Counter()
-        source_lines: dict[str, int] = collections.Counter()
-        file_offset: dict[tuple[str, str], int] = {}
-        for (s, si, inp, a, b), n in zip(plan, line_counts):
-            if (s.name, inp.path) not in file_offset:
-                file_offset[(s.name, inp.path)] = source_lines[s.name]
-            cid = per_source_id[s.name]
-            per_source_id[s.name] += 1
-            tasks.append(ChunkTask(s.name, si, s.format, inp.kind, inp.path, a, b, cid,
-                                   file_line[(s.name, inp.path)] + 1, file_offset[(s.name, inp.path)],
-                                   len(s.inputs) > 1, str(out),
-                                   options["shard_bytes"], downscale_shorter_side, max_image_pixels))
-            file_line[(s.name, inp.path)] += n
-            source_lines[s.name] += n
-            old = old_chunks[len(chunks_state)] if old_chunks else {}
-            chunks_state.append({"range": [s.name, inp.path, a, b], "lines": n, "result": old.get("result")})
-        state = {"format_version": FORMAT_VERSION, "fingerprint": fingerprint, "chunks": chunks_state}
-        todo_ids = [i for i, c in enumerate(chunks_state) if not _verified_chunk(out, c["result"])]
-        for i in todo_ids:
-            chunks_state[i]["result"] = None
-        todo = [tasks[i] for i in todo_ids]
+        ctx = _pool_context()
+        shared = ctx.Array("d", 2 * len(sources)) if workers > 1 else None
+        counters = _Counters(len(sources), shared)
+        pool = ctx.Pool(workers, initializer=_init_worker, initargs=(shared, len(sources))) if workers > 1 else None
+        try:
+            count_args = [(inp.kind, inp.path, a, b) for _, _, inp, a, b in plan]
+            if line_counts is None:
+                line_counts = pool.map(_count_task, count_args) if pool else [_count_task(a) for a in count_args]
+            tasks: list[ChunkTask] = []
+            chunks_state: list[dict] = []
+            per_source_id: dict[str, int] = collections.Counter()
+            file_line: dict[tuple[str, str], int] = collections.Counter()
+            source_lines: dict[str, int] = collections.Counter()
+            file_offset: dict[tuple[str, str], int] = {}
+            for (s, si, inp, a, b), n in zip(plan, line_counts):
+                if (s.name, inp.path) not in file_offset:
+                    file_offset[(s.name, inp.path)] = source_lines[s.name]
+                cid = per_source_id[s.name]
+                per_source_id[s.name] += 1
+                tasks.append(ChunkTask(s.name, si, s.format, inp.kind, inp.path, a, b, cid,
+                                       file_line[(s.name, inp.path)] + 1, file_offset[(s.name, inp.path)],
+                                       len(s.inputs) > 1, str(out),
+                                       options["shard_bytes"], downscale_shorter_side, max_image_pixels))
+                file_line[(s.name, inp.path)] += n
+                source_lines[s.name] += n
+                old = old_chunks[len(chunks_state)] if old_chunks else {}
+                chunks_state.append({"range": [s.name, inp.path, a, b], "lines": n, "result": old.get("result")})
+            state = {"format_version": FORMAT_VERSION, "fingerprint": fingerprint, "chunks": chunks_state}
+            todo_ids = [i for i, c in enumerate(chunks_state) if not _verified_chunk(out, c["result"])]
+            for i in todo_ids:
+                chunks_state[i]["result"] = None
+            # Largest chunks first, so that the last chunk to finish is a small one and no worker idles long at the
+            # end (results are placed by chunk id, so the order of work never changes the output).
+            todo = sorted((tasks[i] for i in todo_ids), key=lambda t: t.start - t.end)
+            atomic_write_json(progress_path, state)
+
+            _COUNTERS = counters
+            # Totals cover only the chunks still to do, so percentages and rates describe this run's work.
+            todo_lines: dict[str, int] = collections.Counter()
+            for i in todo_ids:
+                todo_lines[tasks[i].source] += chunks_state[i]["lines"]
+            with _ProgressBar(sources, dict(todo_lines), counters, progress):
+                position = {(t.source, t.chunk_id): i for i, t in enumerate(tasks)}
+                results = pool.imap_unordered(convert_chunk, todo) if pool else map(convert_chunk, todo)
+                for res in results:
+                    chunks_state[position[(res["source"], res["chunk_id"])]]["result"] = res
+                    atomic_write_json(progress_path, state)
+        finally:
+            _COUNTERS = None
+            if pool is not None:
+                pool.terminate()
+                pool.join()
+
+        by_source: dict[str, list[dict]] = {s.name: [] for s in sources}
+        for t, c in zip(tasks, chunks_state):
+            by_source[t.source].append(c["result"])
+        manifest_sources = {s.name: _finalise_source(out, s, by_source[s.name], state, progress_path) for s in sources}
         atomic_write_json(progress_path, state)
-
-        _COUNTERS = counters
-        # Totals cover only the chunks still to do, so percentages and rates describe this run's work.
-        todo_lines: dict[str, int] = collections.Counter()
-        for i in todo_ids:
-            todo_lines[tasks[i].source] += chunks_state[i]["lines"]
-        with _ProgressBar(sources, dict(todo_lines), counters, progress):
-            position = {(t.source, t.chunk_id): i for i, t in enumerate(tasks)}
-            results = pool.imap_unordered(convert_chunk, todo) if pool else map(convert_chunk, todo)
-            for res in results:
-                chunks_state[position[(res["source"], res["chunk_id"])]]["result"] = res
-                atomic_write_json(progress_path, state)
-    finally:
-        _COUNTERS = None
-        if pool is not None:
-            pool.terminate()
-            pool.join()
-
-    by_source: dict[str, list[dict]] = {s.name: [] for s in sources}
-    for t, c in zip(tasks, chunks_state):
-        by_source[t.source].append(c["result"])
-    manifest_sources = {s.name: _finalise_source(out, s, by_source[s.name], state, progress_path) for s in sources}
-    atomic_write_json(progress_path, state)
-    _write_rejects(out, sources, by_source)
-    manifest = {
-        "format_version": FORMAT_VERSION,
-        "command": command or "ofa_scale.data.convert.convert()",
-        "tool_version": ofa_scale.__version__,
-        "sources": manifest_sources,
-        "negatives": _copy_negatives(out, negatives) if negatives else None,
-        "rejects": "rejects.tsv",
-        "options": options,
-        "fingerprint": fingerprint,
-    }
-    atomic_write_json(out / "manifest.json", manifest)
-    return manifest
+        _write_rejects(out, sources, by_source)
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "command": command or "ofa_scale.data.convert.convert()",
+            "tool_version": ofa_scale.__version__,
+            "sources": manifest_sources,
+            "negatives": _copy_negatives(out, negatives) if negatives else None,
+            "rejects": "rejects.tsv",
+            "options": options,
+            "fingerprint": fingerprint,
+        }
+        atomic_write_json(out / "manifest.json", manifest)
+        return manifest
 
 
 # ----------------------------------------------------------------------------------------------- CLI

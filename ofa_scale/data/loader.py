@@ -16,20 +16,28 @@ the state fast-forwards each stream without decoding what was skipped.
 Finite mode (`mode="epochs"`): an epoch has `steps_per_epoch = min over sources of (N_s // C) // count_s` global
 steps; every rank yields the same number of micro-batches. The records a stream's slice still holds after the
 epoch's last step (for the source that limits the epoch, at most about one global batch's worth; other sources
-also drop what exceeds the composition's ratio) are dropped and counted in `stats()[source]["dropped_epoch_remainder"]`; the next epoch reads a freshly shuffled pass.
+also drop what exceeds the composition's ratio) are dropped and counted in
+`stats()["data/<source>/dropped_epoch_remainder"]`; the next epoch reads a freshly shuffled pass.
+
+Damaged data (`on_corrupt="skip"`) is counted per stream and the counts ride in the stream positions, so
+`stats()` is exact for what was consumed, also with workers, and survives a resume; summed over ranks it is the
+same on every world size. DataLoader workers ignore the job's stop signals (the trainer alone handles them) and
+die with the process that started them (ofa_scale/data/loader_workers.py).
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 from typing import Any, Callable, Iterator
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from ofa_scale.data.loader_config import LoaderConfig
+from ofa_scale.data.loader_workers import init_worker, stop_signals_blocked, worker_parent_pid
 from ofa_scale.data.stream_catalog import SourceCatalog, load_catalog
-from ofa_scale.data.streams import CanonicalStream, StreamSettings, add_stats, new_stats
+from ofa_scale.data.streams import CanonicalStream, StreamSettings, add_stats, flat_stats, new_stats
 from ofa_scale.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -75,24 +83,22 @@ class _RankStreams(IterableDataset):
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         k = len(self.streams)
-        sources = [s for s, _ in self.settings.composition]
-        stats = new_stats(sources)
         # The DataLoader asks workers round-robin, starting at worker 0: worker w gets micro-batches
         # first + w, first + w + n, ... which (n dividing k) always belong to the same streams.
         mine = {}
         for i in range(k):
             if (i - self.first) % num_workers == worker:
-                stream = CanonicalStream(self.streams[i], self.catalogs, self.settings, stats)
+                stream = CanonicalStream(self.streams[i], self.catalogs, self.settings)
                 stream.restore(self.states[i])
                 mine[i] = stream
         m = self.first + worker
         try:
-            yield from self._produce(mine, m, num_workers, stats)
+            yield from self._produce(mine, m, num_workers)
         except UserError as exc:
             # Hand the one-line message to the main process; the DataLoader would wrap it in a worker traceback.
             yield _WorkerFailure(str(exc))
 
-    def _produce(self, mine: dict[int, CanonicalStream], m: int, num_workers: int, stats: dict) -> Iterator[tuple]:
+    def _produce(self, mine: dict[int, CanonicalStream], m: int, num_workers: int) -> Iterator[tuple]:
         k = len(self.streams)
         while True:
             step, i = divmod(m, k)
@@ -105,11 +111,7 @@ class _RankStreams(IterableDataset):
             else:
                 examples = records
             batch = self.collate_fn(examples) if self.collate_fn is not None else examples
-            delta = copy.deepcopy(stats)
-            for counts in stats.values():
-                for key in counts:
-                    counts[key] = 0
-            yield batch, stream.index, stream.state(), delta
+            yield batch, stream.index, stream.state()
             m += num_workers
 
 
@@ -127,19 +129,25 @@ class ShardLoader:
             raise UserError(f"data-parallel rank {rank} of world size {world_size} is invalid; "
                             f"need 0 <= rank < world_size")
         if cfg.num_streams % world_size:
-            raise UserError(f"loader.num_streams={cfg.num_streams} is not divisible by the data-parallel world "
-                            f"size {world_size}; use a world size dividing it (num_streams = global batch / "
-                            f"micro batch)")
+            raise UserError(f"the {cfg.num_streams} canonical streams (train.global_batch_size / "
+                            f"train.micro_batch_size) are not divisible by the data-parallel world size "
+                            f"{world_size}; use a world size dividing it")
         self.cfg = cfg
         self.rank, self.world_size = rank, world_size
         self.record_fn, self.collate_fn = record_fn, collate_fn
         self.catalogs = load_catalog(cfg.root, list(cfg.composition))
         composition = tuple(cfg.composition.items())
+        if cfg.verify_shards:
+            unlisted = [s.path for c in self.catalogs.values() for s in c.shards if not s.sha256]
+            if unlisted:
+                raise UserError(f"data.verify_shards is on but no sha256 is listed for shard {unlisted[0]} "
+                                f"(and {len(unlisted) - 1} more); convert with `ofa-preprocess shards`, whose "
+                                f"manifest.json lists them, or turn data.verify_shards off")
         for source, cat in self.catalogs.items():
             if cat.num_samples < cfg.num_streams:
-                raise UserError(f"source '{source}' has {cat.num_samples} samples, fewer than "
-                                f"loader.num_streams={cfg.num_streams}; every canonical stream needs at least one: "
-                                f"lower num_streams or add data")
+                raise UserError(f"source '{source}' has {cat.num_samples} samples, fewer than the "
+                                f"{cfg.num_streams} canonical streams (global batch / micro batch); every stream "
+                                f"needs at least one: lower the global batch or add data")
         steps_per_epoch = None
         if cfg.mode == "epochs":
             per_source = {s: (self.catalogs[s].num_samples // cfg.num_streams) // n for s, n in composition}
@@ -152,7 +160,7 @@ class ShardLoader:
         self.settings = StreamSettings(
             seed=cfg.seed, num_streams=cfg.num_streams, composition=composition,
             shuffle_buffer=cfg.shuffle_buffer, decode_min_size=tuple(cfg.decode_min_size.items()),
-            on_corrupt=cfg.on_corrupt, steps_per_epoch=steps_per_epoch)
+            on_corrupt=cfg.on_corrupt, steps_per_epoch=steps_per_epoch, verify_shards=cfg.verify_shards)
         self.streams = list(range(rank, cfg.num_streams, world_size))
         self.num_workers = _largest_divisor_at_most(len(self.streams), cfg.num_workers) if cfg.num_workers else 0
         if cfg.num_workers and self.num_workers != cfg.num_workers:
@@ -161,7 +169,6 @@ class ShardLoader:
                         len(self.streams))
         self._states = {j: {"step": 0, "sources": {s: [0, 0, 0, 0] for s, _ in composition}}
                         for j in self.streams}
-        self._stats = new_stats([s for s, _ in composition])
 
     # ---- sizes -------------------------------------------------------------------------------------------
     @property
@@ -208,18 +215,20 @@ class ShardLoader:
         if self.num_workers == 0:
             source = iter(dataset)
         else:
-            source = iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                                     prefetch_factor=self.cfg.prefetch_factor, collate_fn=_keep,
-                                     pin_memory=self.cfg.pin_memory, persistent_workers=False))
+            # Workers are forked here: the stop signals stay blocked until each worker ignores them.
+            with stop_signals_blocked():
+                source = iter(DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
+                                         prefetch_factor=self.cfg.prefetch_factor, collate_fn=_keep,
+                                         pin_memory=self.cfg.pin_memory, persistent_workers=False,
+                                         worker_init_fn=functools.partial(init_worker, worker_parent_pid())))
         try:
             for item in source:
                 if isinstance(item, _WorkerFailure):
                     raise UserError(item.message)
-                batch, stream, state, delta = item
-                # Record the position only now that the consumer receives the batch: prefetched batches
-                # still in flight are not part of the saved state.
+                batch, stream, state = item
+                # Record the position (and the stream's counts) only now that the consumer receives the batch:
+                # prefetched batches still in flight are not part of the saved state.
                 self._states[stream] = state
-                add_stats(self._stats, delta)
                 yield batch
         finally:
             del source
@@ -267,9 +276,17 @@ class ShardLoader:
             self._states[j] = copy.deepcopy(state["streams"][str(j)])
         self._first_micro_batch()  # refuse an inconsistent state now, not at the first batch
 
-    def stats(self) -> dict[str, dict[str, int]]:
-        """Per source: records yielded, skipped damaged shards, decode errors, refilled and dropped records."""
-        return copy.deepcopy(self._stats)
+    def stats(self) -> dict[str, int]:
+        """Counters of the micro-batches this rank consumed, flat and cheap enough to log every step.
+
+        `data/<key>` totals and `data/<source>/<key>` for every key of streams.STAT_KEYS: records,
+        skipped_samples (undecodable), corrupt_shards, truncated_shards, missing_samples (what damaged shards
+        did not deliver), refilled, dropped_epoch_remainder. Shard counts are per pass read. Cumulative over
+        the run, resumes included; sum them over data-parallel ranks for the run's totals."""
+        per_source = new_stats(s for s, _ in self.settings.composition)
+        for j in self.streams:
+            add_stats(per_source, self._states[j].get("stats", {}))
+        return flat_stats(per_source)
 
 
 def merge_loader_states(states: list[dict]) -> dict:

@@ -38,12 +38,15 @@ class LoaderConfig:
     # or 1/8 scale (boxes rescaled). OFA pretraining needs 480 for vl (random resize up to 480) and 384 for
     # detection (scale jitter up to 1.5 x 256). Unset: decode at stored size.
     decode_min_size: dict[str, int] = field(default_factory=dict)
-    # What a damaged shard or undecodable sample does: "skip" (warn and count, see loader.stats()) or "fail".
+    # What a damaged shard (unreadable, truncated, or failing verify_shards) or an undecodable sample does:
+    # "skip" (warn and count, see ShardLoader.stats()) or "fail".
     on_corrupt: Literal["skip", "fail"] = "skip"
+    # Check each shard against the sha256 manifest.json lists before reading it (once per worker process).
+    verify_shards: bool = False
 
     def validate(self) -> None:
         if not self.root:
-            raise ConfigError("loader.root is empty; set it to the output folder of `ofa-preprocess shards`")
+            raise ConfigError("data.root is empty; set it to the output folder of `ofa-preprocess shards`")
         if not self.composition:
             raise ConfigError("loader.composition is empty; give records per micro-batch per source, "
                               "e.g. loader.composition={vl: 4, text: 1}")
@@ -55,12 +58,12 @@ class LoaderConfig:
                 raise ConfigError(f"loader.composition.{source} is {count}; drop the source or give it >= 1")
         for source, size in self.decode_min_size.items():
             if not SOURCE_NAME.match(source) or size < 1:
-                raise ConfigError(f"loader.decode_min_size.{source}={size} is invalid; use a known source and a "
+                raise ConfigError(f"data.decode_min_size.{source}={size} is invalid; use a known source and a "
                                   f"positive pixel size")
         if self.num_streams < 1:
             raise ConfigError("loader.num_streams must be >= 1 (global batch / micro batch)")
         if self.mode == "epochs" and self.epochs < 1:
             raise ConfigError("loader.epochs must be >= 1 in epochs mode")
         if self.num_workers < 0 or self.prefetch_factor < 1 or self.shuffle_buffer < 0:
-            raise ConfigError("loader.num_workers and loader.shuffle_buffer must be >= 0, "
-                              "loader.prefetch_factor >= 1")
+            raise ConfigError("data.num_workers and data.shuffle_buffer must be >= 0, "
+                              "data.prefetch_factor >= 1")

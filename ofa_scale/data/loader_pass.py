@@ -61,14 +61,17 @@ def run(argv: list[str] | None = None) -> int:
     batches = sum(1 for _ in loader)
     seconds = time.perf_counter() - start
     stats = loader.stats()
-    records = sum(s["records"] for s in stats.values())
+    records = stats["data/records"]
     print(f"loader pass: {batches} micro-batches ({loader.steps_per_epoch} steps/epoch x {args.epochs} epochs x "
           f"{loader.streams_per_rank} streams), {records} records in {seconds:.1f}s "
           f"({records / max(seconds, 1e-9):.0f} records/s, {args.workers} workers)")
-    print(f"{'source':10} {'records':>8} {'dropped':>8} {'skipped shards':>15} {'decode errors':>14} {'refilled':>9}")
-    for source, st in stats.items():
-        print(f"{source:10} {st['records']:8d} {st['dropped_epoch_remainder']:8d} {st['skipped_shards']:15d} "
-              f"{st['decode_errors']:14d} {st['refilled']:9d}")
+    columns = {"records": "records", "dropped_epoch_remainder": "dropped", "corrupt_shards": "corrupt shards",
+               "truncated_shards": "truncated shards", "missing_samples": "missing", "skipped_samples": "undecodable",
+               "refilled": "refilled"}
+    print(f"{'source':10}" + "".join(f" {title:>{len(title) + 1}}" for title in columns.values()))
+    for source in composition:
+        print(f"{source:10}" + "".join(f" {stats[f'data/{source}/{key}']:>{len(title) + 1}d}"
+                                       for key, title in columns.items()))
     return 0
 
 

@@ -88,6 +88,8 @@ class ShardWriter:
     def abort(self) -> None:
         try:
             self._file.close()
+        except OSError:
+            pass  # flushing the buffer fails again on a full disk; the file is deleted either way
         finally:
             self.tmp.unlink(missing_ok=True)
 

@@ -22,6 +22,7 @@ MANIFEST_FORMAT_VERSION = 1
 class ShardEntry:
     path: str
     samples: int
+    sha256: str = ""  # from manifest.json; empty when the catalogue comes from a scan
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,7 @@ def _from_manifest(root: Path, manifest: dict, source: str) -> SourceCatalog:
         if not path.is_file():
             raise UserError(f"shard {path} listed in {root / MANIFEST_NAME} is missing; re-run the conversion "
                             f"with --resume")
-        shards.append(ShardEntry(str(path), int(s["samples"])))
+        shards.append(ShardEntry(str(path), int(s["samples"]), str(s.get("sha256") or "")))
     return SourceCatalog(source, tuple(shards))
 
 
@@ -90,7 +91,7 @@ def load_catalog(root: str | Path, sources: list[str]) -> dict[str, SourceCatalo
     """Catalogue of each requested source under a shard root; raises UserError if one has no samples."""
     root = Path(root)
     if not root.is_dir():
-        raise UserError(f"shard root {root} does not exist; point loader.root at the output of "
+        raise UserError(f"shard root {root} does not exist; point data.root at the output of "
                         f"`ofa-preprocess shards`")
     manifest = None
     mpath = root / MANIFEST_NAME

@@ -71,6 +71,14 @@ def amp_list(s: str) -> list[str]:
     return [x for x in s.split("&&") if x]
 
 
+def object_list(s: str) -> list[str]:
+    """OFA's `gt_objects.strip().split('&&')`: the column is stripped, so the first entry loses its leading and the
+    last its trailing whitespace; spaces next to `&&` inside stay, as in OFA (an entry is replaced verbatim in the
+    caption to build an ITM negative). Blank entries are dropped: OFA would replace '' (or ' ') in the caption,
+    i.e. insert the negative object between every character (or at every space)."""
+    return [x for x in s.strip().split("&&") if x.strip()]
+
+
 def box(s: str) -> list[float]:
     """`x0,y0,x1,y1` -> four floats; checked here for shape, later against the image size."""
     parts = s.split(",")
@@ -128,10 +136,12 @@ def codes(n: int) -> Callable[[str], list[int]]:
 
 
 def detection_objects(s: str) -> list[dict[str, Any]]:
-    """`x0,y0,x1,y1,cat_id,cat_name&&…`; split on the first 5 commas only (names may contain commas)."""
+    """`x0,y0,x1,y1,cat_id,cat_name&&…`; split on the first 5 commas only (names may contain commas).
+    As OFA's `process_detection`: the column and then each object are stripped before the split, so a category
+    name loses trailing whitespace (and keeps leading whitespace after its comma, which OFA also encodes)."""
     objs = []
-    for item in amp_list(s):
-        parts = item.split(",", 5)
+    for item in object_list(s):
+        parts = item.strip().split(",", 5)
         if len(parts) != 6:
             raise RowReject(BAD_OBJECT, f"object {item[:60]!r} needs x0,y0,x1,y1,cat_id,cat_name")
         if not parts[5].strip():
@@ -252,7 +262,7 @@ _YES_NO = {"0": "no", "1": "yes"}
 FORMATS: dict[str, RowFormat] = {f.name: f for f in (
     # ---- pretraining (spec §1)
     RowFormat("vl", 8, (Column(2, "caption"), Column(3, "question"), Column(4, "refs"),
-                        Column(5, "gt_objects", amp_list), Column(6, "dataset_name"), Column(7, "type")),
+                        Column(5, "gt_objects", object_list), Column(6, "dataset_name"), Column(7, "type")),
               image_column=1, finish=_finish_vl, description="vision_language_examples.tsv (spec §1.1)"),
     RowFormat("text", 2, (Column(1, "text", required_text),), description="text_examples.tsv (spec §1.2)"),
     RowFormat("image", 3, (Column(2, "codes", codes(256)),), image_column=1, image_size=(256, 256),

@@ -47,24 +47,21 @@ class EvalModel:
     description: dict[str, Any] = field(default_factory=dict)
 
 
-def _is_run_dir(path: Path) -> bool:
-    return (path / "config.yaml").is_file() and (path / "checkpoints").is_dir()
-
-
-def _is_step_dir(path: Path) -> bool:
-    return path.parent.name == "checkpoints" and _is_run_dir(path.parent.parent)
-
-
 def load_eval_model(checkpoint: str | Path, *, tokenizer_kind: str = "gpt2-bpe",
                     tokenizer_path: str | None = None) -> EvalModel:
+    from ofa_scale.model.checkpoint import CONFIG_FILE
+    from ofa_scale.training.run_dir import locate_run_checkpoint
+
     path = Path(checkpoint)
+    located = locate_run_checkpoint(path)  # a run (or its checkpoints/, or a step): refused clearly when empty
+    if located is not None:
+        return _from_run(*located)
     if not path.exists():
         raise UserError(f"--checkpoint {path} does not exist; pass a model directory, a .pt checkpoint or an "
                         "ofa-train run directory")
-    if _is_run_dir(path):
-        return _from_run(path, None)
-    if path.is_dir() and _is_step_dir(path):
-        return _from_run(path.parent.parent, path.name)
+    if path.is_dir() and not (path / CONFIG_FILE).is_file():
+        raise UserError(f"--checkpoint {path} is neither an ofa-scale model directory (no {CONFIG_FILE}) nor an "
+                        "ofa-train run directory (no config.yaml with checkpoints/); pass one of those or a .pt file")
     if not tokenizer_path:
         raise UserError(f"{path} carries no tokenizer; pass --tokenizer-path (the BPE or sentencepiece directory "
                         "the model was trained with)")
@@ -90,7 +87,9 @@ def _from_run(run_root: Path, tag: Optional[str]) -> EvalModel:
     from ofa_scale.model.config import OFAConfig
     from ofa_scale.model.ofa import OFAModel
     from ofa_scale.training.checkpoint import TRAINER_RECORD, find_latest
+    from ofa_scale.parallel.canonical_store import INDEX
     from ofa_scale.training.layout_resume import CANONICAL_DIR
+
     cfg = _run_config(run_root / "config.yaml")
     ckpt_dir = run_root / "checkpoints"
     if tag is None:
@@ -102,12 +101,13 @@ def _from_run(run_root: Path, tag: Optional[str]) -> EvalModel:
     elif not (ckpt_dir / tag / TRAINER_RECORD).is_file():
         raise UserError(f"{ckpt_dir / tag} is not a complete checkpoint (no {TRAINER_RECORD}); pick another step")
     tokenizer = load_tokenizer(cfg.data.tokenizer.kind, cfg.data.tokenizer.path, num_bins=cfg.objectives.num_bins)
-    canonical = ckpt_dir / tag / CANONICAL_DIR / "model.safetensors"
-    if canonical.is_file():
-        # the trainer's layout-free copy: full OFA-named tensors whatever the tp/pp/ZeRO layout was
-        from safetensors.torch import load_file
+    canonical = ckpt_dir / tag / CANONICAL_DIR
+    if (canonical / INDEX).is_file():
+        # the trainer's layout-free copy, whatever the tp/pp/ZeRO layout was: the weights' slices assembled whole
+        from ofa_scale.parallel.canonical_store import MODEL, CanonicalReader
 
-        state = load_file(str(canonical))
+        weights = CanonicalReader(canonical).view(MODEL)
+        state = {name: weights.read(name) for name in weights.names()}
     elif cfg.parallel.tp > 1 or cfg.parallel.pp > 1:
         raise UserError(f"{ckpt_dir / tag} has no layout-free copy ({CANONICAL_DIR}/) and was trained with "
                         f"tp={cfg.parallel.tp}, pp={cfg.parallel.pp}; resume and checkpoint it with this version")

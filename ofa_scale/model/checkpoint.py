@@ -502,6 +502,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ofa_scale.cli import require_empty_out
+
+    require_empty_out(args.out)
     t0 = time.perf_counter()
     config, weights, report = read_fairseq_checkpoint(
         args.checkpoint, vocab_size=args.vocab_size, use_ema=args.ema, truncate_vocab=args.truncate_vocab,

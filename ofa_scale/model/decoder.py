@@ -10,6 +10,11 @@ Explicit steps (pipeline stages can cut between layers; `start` > 0 only for inc
                   causal_offset=start)
     logits = decoder.project(x)
 
+`self_bias` is `relative_self_bias` with layer i's tables, which the pipeline's decoder-layer stages call too; the
+bucket indices it looks up are computed once per call in `embed`. Every table is called as a module (never read
+through `.weight` by another module), so ZeRO-3 can gather each around its own forward; the output projection is
+`output_projection`, a module that owns the shared embedding's weight under OFA's name.
+
 Code mode (rows with code_masks=True): positions come from `embed_image_positions[image_position_idx[t]]` with
 `image_pos_ln`, the self-attention relative bias from the image table, and the input LN is
 `code_layernorm_embedding`; other rows use text positions, `pos_ln`, the text table and `layernorm_embedding`.
@@ -43,11 +48,29 @@ CROSS_POS_K_KEY = "decoder.cross_pos_k"
 
 class TiedOutputProjection(nn.Module):
     """Holds the shared token embedding's weight under the name `output_projection.weight` (as OFA's state dict
-    does); the projection itself goes through the layer factory so TP can split the vocabulary."""
+    does) and projects onto the vocabulary with it inside its own forward, so ZeRO-3 gathers the weight for this
+    call; the projection goes through the layer factory so TP can split the vocabulary."""
 
-    def __init__(self, embedding: nn.Module):
+    def __init__(self, embedding: nn.Module, factory: LayerFactory):
         super().__init__()
         self.weight = embedding.weight
+        self.factory = factory
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(…, D) -> logits (…, V_local)."""
+        return self.factory.output_logits(x, self)
+
+
+def relative_self_bias(abs_bias: torch.Tensor, token_table: nn.Module, image_table: nn.Module,
+                       text_buckets: torch.Tensor, image_buckets: torch.Tensor,
+                       code_masks: torch.Tensor | None) -> torch.Tensor:
+    """(B, H_local, Tq, T) self-attention bias of one decoder layer: the shared absolute bias plus the layer's text
+    relative table, or for code-mode rows (code_masks True) its image table. Buckets are (Tq, T) int64."""
+    text = token_table(text_buckets).permute(2, 0, 1)[None].to(abs_bias.dtype)
+    if code_masks is None:
+        return abs_bias + text
+    image = image_table(image_buckets).permute(2, 0, 1)[None].to(abs_bias.dtype)
+    return abs_bias + torch.where(code_masks[:, None, None, None], image, text)
 
 
 @dataclass
@@ -59,6 +82,8 @@ class DecoderPositions:
     start: int  # first position computed in this call (cached positions before it)
     length: int  # T
     abs_bias: torch.Tensor  # (B, H_local, T-start, T) self-attention absolute bias, shared by all layers
+    text_buckets: torch.Tensor  # (T-start, T) int64 rows of the text relative tables
+    image_buckets: torch.Tensor  # (T-start, T) int64 rows of the image relative tables (code-mode rows)
 
 
 class OFADecoder(nn.Module):
@@ -66,7 +91,6 @@ class OFADecoder(nn.Module):
         super().__init__()
         d, eps = cfg.d_model, cfg.layer_norm_eps
         self.cfg = cfg
-        self.factory = layers
         self.local_heads = cfg.heads // layers.tp_size
         self.pos_scaling = (cfg.head_dim * cfg.attn_scale_factor) ** -0.5
         self.padding_idx = cfg.pad_token_id
@@ -90,7 +114,7 @@ class OFADecoder(nn.Module):
         rates = linspace_rates(cfg.decoder_drop_path_rate, cfg.decoder_layers)
         self.layers = nn.ModuleList(DecoderLayer(cfg, layers, rates[i]) for i in range(cfg.decoder_layers))
         self.layer_norm = make_layer_norm(d, eps)
-        self.output_projection = TiedOutputProjection(embed_tokens)
+        self.output_projection = TiedOutputProjection(embed_tokens, layers)
         self.token_rel_pos_table_list = nn.ModuleList(
             nn.Embedding(cfg.num_token_rel_buckets, self.local_heads) for _ in range(cfg.decoder_layers))
         self.image_rel_pos_table_list = nn.ModuleList(
@@ -117,7 +141,8 @@ class OFADecoder(nn.Module):
         if length > self.embed_positions.num_embeddings:
             raise UserError(f"target length {length} exceeds max_target_positions; truncate targets to "
                             f"{self.cfg.max_target_positions} tokens")
-        text = self.pos_ln(self.embed_positions.weight[:length])[None].expand(batch, -1, -1)
+        steps = torch.arange(length, device=self.image_position_idx.device)
+        text = self.pos_ln(self.embed_positions(steps))[None].expand(batch, -1, -1)
         if code_masks is None:
             return text
         if length > self.image_position_idx.numel():
@@ -146,21 +171,16 @@ class OFADecoder(nn.Module):
         pos_embed = self.target_positions(t, code_masks, b)
         q = self._heads(self.self_pos_q_linear(pos_embed[:, start:])) * self.pos_scaling
         k = self._heads(self.self_pos_k_linear(pos_embed))
-        pos = DecoderPositions(pos_embed, code_masks, start, t, torch.matmul(q, k.transpose(2, 3)))
+        ids = self.image_position_idx[:t]
+        pos = DecoderPositions(pos_embed, code_masks, start, t, torch.matmul(q, k.transpose(2, 3)),
+                               text_buckets=self.token_rp_bucket[start:t, :t],
+                               image_buckets=self.image_rp_bucket[ids[start:, None], ids[None, :]])
         return x, self_padding_mask, pos
 
     def self_bias(self, i: int, pos: DecoderPositions) -> torch.Tensor:
         """(B, H_local, T-start, T): shared absolute bias + layer i's text (or, for code rows, image) relative."""
-        s, t = pos.start, pos.length
-        bias = pos.abs_bias
-        text = F.embedding(self.token_rp_bucket[s:t, :t], self.token_rel_pos_table_list[i].weight)
-        text = text.permute(2, 0, 1)[None].to(bias.dtype)
-        if pos.code_masks is None:
-            return bias + text
-        ids = self.image_position_idx[:t]
-        bucket = self.image_rp_bucket[ids[s:, None], ids[None, :]]
-        image = F.embedding(bucket, self.image_rel_pos_table_list[i].weight).permute(2, 0, 1)[None].to(bias.dtype)
-        return bias + torch.where(pos.code_masks[:, None, None, None], image, text)
+        return relative_self_bias(pos.abs_bias, self.token_rel_pos_table_list[i], self.image_rel_pos_table_list[i],
+                                  pos.text_buckets, pos.image_buckets, pos.code_masks)
 
     def cross_bias(
         self, pos: DecoderPositions, encoder_positions: torch.Tensor, incremental_state: dict | None = None
@@ -176,7 +196,7 @@ class OFADecoder(nn.Module):
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """Final LayerNorm and the projection tied to the token embedding -> logits (B, T, V_local)."""
-        return self.factory.output_logits(self.layer_norm(x), self.embed_tokens)
+        return self.output_projection(self.layer_norm(x))
 
     # ---------------------------------------------------------------- whole pass
     def forward(

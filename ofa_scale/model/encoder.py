@@ -9,17 +9,23 @@ The forward pass is a flat sequence of explicit steps so a pipeline can cut it a
 
 * `embed` runs the ResNet stem, image_proj, type embedding and the embedding LNs; the sequence is
   [image tokens ; text tokens]. It also builds `pos` (`EncoderPositions`): the normalised absolute position
-  embeddings P (returned to the decoder for its cross bias), the patch position ids, and the absolute-position bias
-  shared by all layers.
+  embeddings P (returned to the decoder for its cross bias), the patch position ids, the absolute-position bias
+  shared by all layers, and the relative-position bucket indices of the text and image blocks (also shared).
 * `layer_bias(i, pos)` adds layer i's text relative table to the text×text block and its image relative table to
-  the image×image block (B, H_local, L, L).
+  the image×image block (B, H_local, L, L); `relative_layer_bias` is that computation, which the pipeline's
+  encoder-layer stages call too.
 * `finalize` is the final LayerNorm.
+
+Every table is a module that is *called* (an nn.Embedding looked up with index tensors), never read through
+`.weight` by another module: ZeRO-3 gathers a module's own parameters only around that module's forward, so this
+is what lets it partition them. For the same reason `EncoderOut` is a NamedTuple: ZeRO-3's backward hooks walk
+tuples (not dataclasses) to find the tensors the encoder hands to the decoder.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -44,10 +50,13 @@ class EncoderPositions:
     image_position_ids: torch.Tensor | None  # (B, n_img) ids r·42+c+1 (after patch sampling)
     num_image_tokens: int
     num_text_tokens: int
+    text_buckets: torch.Tensor  # (S, S) int64 rows of the text relative tables
+    image_buckets: torch.Tensor | None  # (B, n_img, n_img) int64 rows of the image relative tables
 
 
-@dataclass
-class EncoderOut:
+class EncoderOut(NamedTuple):
+    """What the decoder reads from the encoder (a NamedTuple so ZeRO-3's hooks see its tensors)."""
+
     states: torch.Tensor  # (B, L, D) after the final LayerNorm
     padding_mask: torch.Tensor  # (B, L) bool, True = padding
     position_embeddings: torch.Tensor  # (B, L, D), for the decoder's cross-attention bias
@@ -57,8 +66,7 @@ class EncoderOut:
     def index_select(self, order: torch.Tensor) -> "EncoderOut":
         """Reorder/repeat the batch (beam search)."""
         pick = lambda t: None if t is None else t.index_select(0, order)  # noqa: E731
-        return dataclasses.replace(
-            self,
+        return self._replace(
             states=pick(self.states),
             padding_mask=pick(self.padding_mask),
             position_embeddings=pick(self.position_embeddings),
@@ -69,8 +77,24 @@ class EncoderOut:
 def sample_patches(num_patches: int, k: int, batch: int, generator: torch.Generator | None,
                    device: torch.device) -> torch.Tensor:
     """(batch, k) patch indices drawn without replacement, in random order (OFA does not re-sort them)."""
-    orders = [torch.randperm(num_patches, generator=generator)[:k] for _ in range(batch)]
+    # randperm draws on the generator's device (a CUDA generator cannot fill a CPU tensor)
+    where = generator.device if generator is not None else None
+    orders = [torch.randperm(num_patches, generator=generator, device=where)[:k] for _ in range(batch)]
     return torch.stack(orders).to(device)
+
+
+def relative_layer_bias(abs_bias: torch.Tensor, token_table: nn.Module, image_table: nn.Module,
+                        text_buckets: torch.Tensor, image_buckets: torch.Tensor | None) -> torch.Tensor:
+    """(B, H_local, L, L) bias of one encoder layer: the shared absolute bias, plus the layer's text table on the
+    text×text block and its image table on the image×image block (the sequence is [image ; text]).
+
+    `image_buckets` may be None or have zero patches (no image)."""
+    n = 0 if image_buckets is None else image_buckets.shape[1]
+    bias = abs_bias.clone()
+    bias[:, :, n:, n:] += token_table(text_buckets).permute(2, 0, 1).to(bias.dtype)
+    if n:
+        bias[:, :, :n, :n] += image_table(image_buckets).permute(0, 3, 1, 2).to(bias.dtype)
+    return bias
 
 
 class OFAEncoder(nn.Module):
@@ -160,15 +184,17 @@ class OFAEncoder(nn.Module):
             raise UserError(f"source length {s} exceeds max_source_positions; truncate sources to "
                             f"{self.cfg.max_source_positions} tokens")
         text_pad = src_tokens.eq(self.padding_idx)
-        x = self.embed_tokens(src_tokens) + self.type_embedding.weight[0]
+        text_type, image_type = self.type_embedding(torch.arange(2, device=src_tokens.device)).unbind(0)
+        x = self.embed_tokens(src_tokens) + text_type
         x = F.dropout(self.layernorm_embedding(x), self.cfg.dropout, self.training)
-        text_pos = self.pos_ln(self.embed_positions.weight[:s])[None].expand(b, -1, -1)
+        steps = torch.arange(s, device=src_tokens.device)
+        text_pos = self.pos_ln(self.embed_positions(steps))[None].expand(b, -1, -1)
         image_ids = None
         n_img = 0
         if patch_images is not None:
             feat, image_ids = self._image_features(patch_images, sample_patch_num, generator)
             n_img = feat.shape[1]
-            img = self.image_proj(feat) + self.type_embedding.weight[1]
+            img = self.image_proj(feat) + image_type
             img = F.dropout(self.patch_layernorm_embedding(img), self.cfg.dropout, self.training)
             if patch_masks is None:
                 image_pad = torch.zeros(b, n_img, dtype=torch.bool, device=x.device)
@@ -188,26 +214,15 @@ class OFAEncoder(nn.Module):
             image_position_ids=image_ids,
             num_image_tokens=n_img,
             num_text_tokens=s,
+            text_buckets=self.token_rp_bucket[:s, :s],
+            image_buckets=None if image_ids is None else self.image_rp_bucket[image_ids[:, :, None],
+                                                                               image_ids[:, None, :]],
         )
         return x, padding_mask, pos
 
-    def text_rel_bias(self, i: int, length: int) -> torch.Tensor:
-        """(H_local, S, S) relative bias of layer i for a text block of `length` tokens."""
-        bucket = self.token_rp_bucket[:length, :length]
-        return F.embedding(bucket, self.token_rel_pos_table_list[i].weight).permute(2, 0, 1)
-
-    def image_rel_bias(self, i: int, image_ids: torch.Tensor) -> torch.Tensor:
-        """(B, H_local, n, n) relative bias of layer i between the patches with the given position ids."""
-        bucket = self.image_rp_bucket[image_ids[:, :, None], image_ids[:, None, :]]
-        return F.embedding(bucket, self.image_rel_pos_table_list[i].weight).permute(0, 3, 1, 2)
-
     def layer_bias(self, i: int, pos: EncoderPositions) -> torch.Tensor:
-        n = pos.num_image_tokens
-        bias = pos.abs_bias.clone()
-        bias[:, :, n:, n:] += self.text_rel_bias(i, pos.num_text_tokens).to(bias.dtype)
-        if n:
-            bias[:, :, :n, :n] += self.image_rel_bias(i, pos.image_position_ids).to(bias.dtype)
-        return bias
+        return relative_layer_bias(pos.abs_bias, self.token_rel_pos_table_list[i], self.image_rel_pos_table_list[i],
+                                   pos.text_buckets, pos.image_buckets)
 
     def finalize(self, x: torch.Tensor) -> torch.Tensor:
         return self.layer_norm(x)

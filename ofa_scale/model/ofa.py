@@ -55,7 +55,7 @@ class OFAModel(nn.Module):
                         module.bias.zero_()
                 elif isinstance(module, nn.Embedding):
                     module.weight.normal_(0.0, std)
-                    if module.padding_idx is not None:
+                    if module.padding_idx is not None and module.weight.numel():  # empty: partitioned by ZeRO-3
                         module.weight[module.padding_idx].zero_()
 
     def set_attention_impl(self, impl: str) -> None:

@@ -202,11 +202,37 @@ def _refusal(path: Path, names: list[str]) -> UserError:
         "if you trust the file, re-save just its 'model' and 'cfg' entries with torch.save and import that")
 
 
+# torch.save's legacy (pre-zip) format opens with this number, pickled (torch/serialization.py MAGIC_NUMBER)
+_LEGACY_MAGIC = (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+_TORCH_ADVICE = re.compile(r"WeightsUnpickler error:\s*(.+?)(?:\n|$)")
+
+
+def _not_a_checkpoint(path: Path) -> UserError | None:
+    """Say what the file is not, before torch's unpickler answers a random file with its weights_only advice."""
+    if path.stat().st_size == 0:
+        return UserError(f"{path} is empty, not a torch checkpoint; pass a fairseq/OFA .pt file such as ofa_base.pt")
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            if any(n == "data.pkl" or n.endswith("/data.pkl") for n in archive.namelist()):
+                return None
+        return UserError(f"{path} is a zip archive but not a torch checkpoint (no data.pkl inside); pass a "
+                         "fairseq/OFA .pt file such as ofa_base.pt")
+    with open(path, "rb") as f:
+        head = f.read(32)
+    if head.startswith(b"\x80") and _LEGACY_MAGIC in head:
+        return None
+    return UserError(f"{path} is not a torch checkpoint: it is neither a zip archive (what torch.save writes) nor a "
+                     "legacy torch file; pass a fairseq/OFA .pt file such as ofa_base.pt")
+
+
 def safe_torch_load(path: str | os.PathLike) -> Any:
     """Load a `torch.save`d object on CPU without executing pickled code; OmegaConf objects become plain dicts."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path} does not exist; pass the path of a fairseq/OFA .pt file")
+    problem = _not_a_checkpoint(path)
+    if problem is not None:
+        raise problem
     allow = allowed_globals()
     with torch.serialization.safe_globals(allow):
         if zipfile.is_zipfile(path):
@@ -223,9 +249,11 @@ def safe_torch_load(path: str | os.PathLike) -> Any:
             names = _GLOBAL_IN_ERROR.findall(str(e))
             if names:
                 raise _refusal(path, names) from None
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            # torch's own text advises weights_only=False, which is exactly what must not be done here
+            found = _TORCH_ADVICE.search(str(e))
+            reason = found.group(1).strip() if found else type(e).__name__
             raise UserError(f"refusing to load {path}: its pickle uses something outside the allow-list "
-                            f"({first[:300]})") from None
+                            f"({reason[:300]})") from None
         except Exception as e:  # noqa: BLE001 - truncated/corrupt files and malformed pickles (TypeError, …)
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"{path} is not a readable torch checkpoint ({msg[:300]}); check the file") from None

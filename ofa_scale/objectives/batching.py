@@ -17,10 +17,16 @@ import torch
 from ofa_scale.errors import ConfigError
 from ofa_scale.objectives.config import (GROUPS, PAD_TASK_ID, SOURCE_TASKS, SOURCES, TASK_GROUP, TASK_ID,
                                          ObjectivesConfig)
+from ofa_scale.objectives.transforms import INFILL_FILL
 
 GroupBatch = dict[str, Any]
 BOS, PAD, EOS = 0, 1, 2
 MODEL_KEYS = ("src_tokens", "patch_images", "patch_masks", "prev_output_tokens", "code_masks")
+# uint8 fill of rows without an image. OFA gives text-only samples a zero tensor *after* normalisation (grey,
+# 127.5 in pixel units, not representable in uint8); `to_model_inputs` zeroes those rows exactly, so this value
+# only matters to a consumer that normalises without patch_masks, which then sees the infill hole's near-grey.
+# A black (0 → −1) dummy would shift the ResNet's train-mode BatchNorm statistics away from OFA's.
+DUMMY_PIXEL = INFILL_FILL
 
 
 @dataclass(frozen=True)
@@ -110,7 +116,9 @@ class Collator:
         src = torch.full((b, s_len), PAD, dtype=torch.long)
         prev = torch.full((b, t_len), PAD, dtype=torch.long)
         tgt = torch.full((b, t_len), PAD, dtype=torch.long)
-        images = torch.zeros((b, 3, size, size), dtype=torch.uint8)
+        # Rows without an image (text-only and padding rows) hold mid-grey; `to_model_inputs` makes them exactly
+        # zero after normalisation, as OFA's dummy images are (see DUMMY_PIXEL).
+        images = torch.full((b, 3, size, size), DUMMY_PIXEL, dtype=torch.uint8)
         patch_masks = torch.zeros(b, dtype=torch.bool)
         code_masks = torch.zeros(b, dtype=torch.bool)
         conf = torch.ones(b, dtype=torch.float32)
@@ -136,6 +144,11 @@ class Collator:
             tgt[i, :len(target)] = torch.tensor(target, dtype=torch.long)
             prev[i, :len(prev_out)] = torch.tensor(prev_out, dtype=torch.long)
             image = ex.get("image")
+            if bool(ex["patch_mask"]) != (image is not None):
+                # patch_masks is what marks a row's image as a dummy on the device; the two must agree.
+                raise ValueError(f"{ex['task']} example has patch_mask={bool(ex['patch_mask'])} but "
+                                 f"{'no' if image is None else 'an'} image; patch_mask must be True exactly when "
+                                 f"there is an image")
             if image is not None:
                 if tuple(image.shape) != (3, size, size) or image.dtype != torch.uint8:
                     raise ValueError(f"{ex['task']} image has shape {tuple(image.shape)} / {image.dtype}; group "
@@ -181,15 +194,23 @@ def group_names(batch: dict[str, Any]) -> list[str]:
     return [g for g in GROUPS if g in batch]
 
 
-def to_model_inputs(group: GroupBatch, device: torch.device | str, dtype: torch.dtype = torch.float32) -> dict:
-    """Model kwargs of one group on `device`: images normalised there, `(x/255 − 0.5)/0.5`, in `dtype`."""
-    images = group["patch_images"].to(device, non_blocking=True)
+def normalise_images(images: torch.Tensor, patch_masks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 (B,3,H,W) → `(x/255 − 0.5)/0.5` in `dtype`; rows whose patch_mask is False (no image) become exactly
+    0, OFA's dummy image (+0.0 everywhere, whatever uint8 they held)."""
     # fp32 arithmetic first (exactly OFA's ToTensor + Normalize), then the compute dtype.
-    images = images.float().div_(255.0).sub_(0.5).div_(0.5).to(dtype)
+    out = images.float().div_(255.0).sub_(0.5).div_(0.5)
+    out.masked_fill_(~patch_masks.bool().view(-1, 1, 1, 1), 0.0)
+    return out.to(dtype)
+
+
+def to_model_inputs(group: GroupBatch, device: torch.device | str, dtype: torch.dtype = torch.float32) -> dict:
+    """Model kwargs of one group on `device`: images normalised there (`normalise_images`), in `dtype`."""
+    patch_masks = group["patch_masks"].to(device, non_blocking=True)
+    images = normalise_images(group["patch_images"].to(device, non_blocking=True), patch_masks, dtype)
     spn = int(group.get("sample_patch_num") or 0)
     return {"src_tokens": group["src_tokens"].to(device, non_blocking=True),
             "patch_images": images,
-            "patch_masks": group["patch_masks"].to(device, non_blocking=True),
+            "patch_masks": patch_masks,
             "prev_output_tokens": group["prev_output_tokens"].to(device, non_blocking=True),
             "code_masks": group["code_masks"].to(device, non_blocking=True),
             "sample_patch_num": spn if spn > 0 else None}

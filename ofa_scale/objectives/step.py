@@ -1,4 +1,9 @@
-"""One micro-batch through the model and the loss: the glue the trainer calls for every group of a batch."""
+"""One micro-batch's share of the step loss: each group's token losses over its denominator, summed over groups.
+
+The trainer (training/step.py) calls `micro_batch_loss` after one forward of all groups; the pipeline's last stage
+(training/pipeline_step.py), which sees one group per pipeline micro-batch, calls `group_loss`. The denominators
+come from `loss.global_loss_denominators`.
+"""
 
 from __future__ import annotations
 
@@ -6,43 +11,39 @@ from typing import Any, Mapping, Optional
 
 import torch
 
-from ofa_scale.objectives.batching import group_names, loss_inputs, to_model_inputs
-from ofa_scale.objectives.config import ObjectivesConfig
-from ofa_scale.objectives.loss import (LossOutput, combine_group_losses, count_loss_tokens,
-                                       label_smoothed_cross_entropy, loss_denominators)
+from ofa_scale.objectives.token_loss import TokenLoss, TokenLosses
 
 
-def group_losses(model: Any, batch: Mapping[str, Any], cfg: ObjectivesConfig, device: torch.device | str,
-                 dtype: torch.dtype = torch.float32, update_num: int = 0) -> dict[str, LossOutput]:
-    """Run every group of a collated micro-batch through `model` (docs/interfaces.md §5) and the loss.
+def group_loss(token_loss: TokenLoss, logits: torch.Tensor, group_batch: Mapping[str, Any], denominator: float, *,
+               target: Optional[torch.Tensor] = None, drop_worst_ratio: float = 0.0,
+               constraint_range: Optional[tuple[int, int]] = None) -> tuple[torch.Tensor, TokenLosses]:
+    """(Σ token losses / denominator, the token losses) for one group batch (docs/interfaces.md §4) and its logits.
 
-    Groups run as separate forward passes (their image sizes differ), as OFA runs its v1/v2 sub-batches.
-    """
-    out: dict[str, LossOutput] = {}
-    for g in group_names(batch):
-        logits = model(**to_model_inputs(batch[g], device, dtype))
-        li = loss_inputs(batch[g], device)
-        out[g] = label_smoothed_cross_entropy(
-            logits, li["target"], epsilon=cfg.label_smoothing, conf=li["conf"],
-            constraint_masks=li.get("constraint_masks"), task_ids=li["task_ids"],
-            drop_worst_ratio=cfg.drop_worst_ratio_at(update_num))
-    return out
-
-
-def micro_batch_loss(model: Any, batch: Mapping[str, Any], cfg: ObjectivesConfig, denominators: Mapping[str, float],
-                     device: torch.device | str, dtype: torch.dtype = torch.float32,
-                     update_num: int = 0) -> tuple[torch.Tensor, dict[str, LossOutput]]:
-    """(this micro-batch's share of the step loss, per-group sums). `denominators` come from
-    `loss_denominators(global token counts, cfg.loss_normalization)`; summing the first value over every
-    micro-batch of every rank gives the step loss."""
-    outs = group_losses(model, batch, cfg, device, dtype, update_num)
-    return combine_group_losses(outs, denominators), outs
+    `target`: the labels when they arrive apart from the batch (the pipeline hands them to its loss function);
+    default `group_batch["target"]`. The loss's per-row inputs move to the logits' device; `conf` stays fp32
+    whatever the logits' precision."""
+    device = logits.device
+    target = group_batch["target"] if target is None else target
+    conf = group_batch.get("conf")
+    masks = group_batch.get("constraint_masks")
+    tl = token_loss(logits, target.to(device), conf=None if conf is None else conf.to(device, torch.float32),
+                    constraint_masks=None if masks is None else masks.to(device), constraint_range=constraint_range)
+    tl = tl.drop_worst(drop_worst_ratio)
+    return tl.loss.float().sum() / denominator, tl
 
 
-def default_denominators(batch: Mapping[str, Any], cfg: ObjectivesConfig, update_num: int = 0,
-                         extra_counts: Optional[Mapping[str, int]] = None) -> dict[str, float]:
-    """Denominators when the global batch is this one micro-batch (plus `extra_counts` from the others)."""
-    counts = count_loss_tokens(batch, cfg.drop_worst_ratio_at(update_num))
-    for g, n in (extra_counts or {}).items():
-        counts[g] = counts.get(g, 0) + int(n)
-    return loss_denominators(counts, cfg.loss_normalization)
+def micro_batch_loss(token_loss: TokenLoss, logits: Mapping[str, torch.Tensor], micro_batch: Mapping[str, Any],
+                     denominators: Mapping[str, float], *, drop_worst_ratio: float = 0.0,
+                     constraint_range: Optional[tuple[int, int]] = None
+                     ) -> tuple[torch.Tensor, dict[str, TokenLosses]]:
+    """(this micro-batch's share of the step loss, token losses per group) for the groups in `logits`. Summing the
+    first value over every micro-batch of every data-parallel rank gives the step loss."""
+    total = None
+    out: dict[str, TokenLosses] = {}
+    for g, group_logits in logits.items():
+        part, out[g] = group_loss(token_loss, group_logits, micro_batch[g], denominators[g],
+                                  drop_worst_ratio=drop_worst_ratio, constraint_range=constraint_range)
+        total = part if total is None else total + part
+    if total is None:
+        raise ValueError("a micro-batch without any group has no loss")
+    return total, out

@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ofa_scale.parallel.layout import Layout
-from ofa_scale.parallel.vocab_parallel_loss import TokenLosses, vocab_parallel_label_smoothed_nll
+from ofa_scale.objectives.token_loss import TokenLosses, make_token_loss
 
 
 @dataclass
@@ -67,22 +67,17 @@ class ParallelContext:
         model = model_cls(model_cfg, layers=self.layer_factory)
         if self.layout.tp > 1:
             self.split_params = mark_split_from_reference(model, model_cfg, model_cls)
-        if self.layout.zero_stage == 3:
-            register_zero3_external_parameters(model)
-        if self.layout.activation_checkpointing:
-            checkpoint_layers(model)
         return model
 
     # -- loss --------------------------------------------------------------------------------------------------
     def token_losses(self, logits: torch.Tensor, target: torch.Tensor, *, epsilon: float, ignore_index: int,
                      conf: Optional[torch.Tensor] = None, constraint_masks: Optional[torch.Tensor] = None,
                      constraint_range: Optional[tuple[int, int]] = None) -> TokenLosses:
-        """Per-token label-smoothed loss on this rank's logits (vocabulary-split when tp > 1)."""
-        start, _ = self.vocab_range()
-        return vocab_parallel_label_smoothed_nll(
-            logits, target, epsilon=epsilon, ignore_index=ignore_index, vocab_start=start,
-            real_vocab=self.layout.vocab_size, group=self.tp_group, tp_size=self.layout.tp, conf=conf,
-            constraint_masks=constraint_masks, constraint_range=constraint_range)
+        """Per-token label-smoothed loss on this rank's logits (vocabulary-split when tp > 1), by the TokenLoss
+        `make_token_loss` hands out for this context (objectives/token_loss.py)."""
+        token_loss = make_token_loss(self, epsilon, ignore_index)
+        return token_loss(logits, target, conf=conf, constraint_masks=constraint_masks,
+                          constraint_range=constraint_range)
 
     def loss_fn(self, logits: torch.Tensor, batch: dict, *, epsilon: float = 0.1, ignore_index: int = 1
                 ) -> torch.Tensor:
@@ -90,43 +85,6 @@ class ParallelContext:
         out = self.token_losses(logits, batch["target"], epsilon=epsilon, ignore_index=ignore_index,
                                 conf=batch.get("conf"), constraint_masks=batch.get("constraint_masks"))
         return out.loss.sum()
-
-
-def checkpoint_layers(model: nn.Module) -> None:
-    """Recompute every encoder/decoder layer in backward instead of storing its activations. The instance's
-    forward is wrapped in place, so parameter names (and checkpoints) do not change."""
-    import functools
-
-    from torch.utils.checkpoint import checkpoint
-
-    def recomputed(forward, *args, **kwargs):
-        if not torch.is_grad_enabled():
-            return forward(*args, **kwargs)
-        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
-
-    for layers in (model.encoder.layers, model.decoder.layers):
-        for layer in layers:
-            if getattr(layer, "_ofa_checkpointed", False):  # the trainer's wrapper uses the same mark
-                continue
-            layer.forward = functools.partial(recomputed, layer.forward)
-            layer._ofa_checkpointed = True
-
-
-def register_zero3_external_parameters(model: nn.Module) -> None:
-    """ZeRO-3 gathers a parameter only while its own module runs. OFA's encoder/decoder read embedding tables
-    directly (`type_embedding.weight[0]`, position tables, relative-position tables, the tied output projection),
-    so those are registered as used by the whole model's forward. Not by the encoder's: its output is a dataclass,
-    which ZeRO-3's backward hooks cannot see, so they would be released before their gradients arrive."""
-    from deepspeed.runtime.zero.partition_parameters import register_external_parameter
-
-    seen = set()
-    for _, child in model.named_modules():
-        if "Embedding" not in type(child).__name__:
-            continue
-        for p in child.parameters(recurse=False):
-            if id(p) not in seen:
-                seen.add(id(p))
-                register_external_parameter(model, p)
 
 
 def mark_split_from_reference(model: nn.Module, model_cfg: Any, model_cls) -> dict[str, int]:

@@ -1,8 +1,9 @@
 """`ofa-convert export CANONICAL_DIR --out DIR`: a consolidated model directory from a checkpoint of any layout.
 
-The input is a canonical checkpoint (ofa_scale.parallel.canonical: full OFA-named tensors, whatever tp/pp/dp/ZeRO
-wrote it); the output is the `save_pretrained` format (`model.safetensors` + `config.json`) that
-`load_pretrained` and `model.pretrained` read. Optimizer moments are left behind.
+The input is a canonical checkpoint (ofa_scale.parallel.canonical: OFA-named slices written by every rank of
+whatever tp/pp/dp/ZeRO layout, with an index); each tensor is assembled whole and copied into the model one at a
+time, so the tool holds the model plus one tensor. The output is the `save_pretrained` format (`model.safetensors`
++ `config.json`) that `load_pretrained` and `model.pretrained` read. Optimizer moments are left behind.
 """
 
 from __future__ import annotations
@@ -14,9 +15,10 @@ from ofa_scale.errors import UserError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", help="a canonical checkpoint directory (holds canonical.json)")
+    parser.add_argument("checkpoint", help="a canonical checkpoint directory (holds index.json), or an ofa-train "
+                                           "run directory or step directory (its canonical/ is read)")
     parser.add_argument("--out", required=True, help="directory to write model.safetensors and config.json into")
-    parser.add_argument("--arch", help="OFA preset of the checkpoint, when canonical.json does not record the "
+    parser.add_argument("--arch", help="OFA preset of the checkpoint, when index.json does not record the "
                                        "model config (then every size must match the preset)")
 
 
@@ -25,10 +27,11 @@ def export(checkpoint: str | Path, out: str | Path, arch: str | None = None) -> 
 
     from ofa_scale.model import OFAModel, OFAConfig
     from ofa_scale.model.checkpoint import save_pretrained
-    from ofa_scale.parallel.canonical import read_canonical
+    from ofa_scale.parallel.canonical_store import MODEL, CanonicalReader
     from ofa_scale.utils.config import from_dict
 
-    weights, _, meta = read_canonical(checkpoint)
+    reader = CanonicalReader(_canonical_input(checkpoint))
+    weights, meta = reader.view(MODEL), reader.meta
     if meta.get("model"):
         cfg = from_dict(OFAConfig, meta["model"])
         cfg.validate()
@@ -45,24 +48,43 @@ def export(checkpoint: str | Path, out: str | Path, arch: str | None = None) -> 
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
             module.reset_running_stats()  # overwritten below when the checkpoint carries statistics
     expected = dict(model.named_parameters())
-    missing = sorted(set(expected) - set(weights))
+    missing = sorted(name for name in expected if name not in weights)
     if missing:
         raise UserError(f"{checkpoint} lacks {len(missing)} parameters of a {cfg.arch} model (e.g. {missing[0]}); "
                         f"pass the --arch it was trained with")
     with torch.no_grad():
         for name, p in expected.items():
-            if tuple(weights[name].shape) != tuple(p.shape):
-                raise UserError(f"{checkpoint}: {name} has shape {tuple(weights[name].shape)} but the model "
+            if weights.shape(name) != tuple(p.shape):
+                raise UserError(f"{checkpoint}: {name} has shape {weights.shape(name)} but the model "
                                 f"expects {tuple(p.shape)}; pass the --arch it was trained with")
-            p.copy_(weights[name])
+            p.copy_(weights.read(name))
         for name, buf in model.named_buffers():
             if name in weights:  # BatchNorm statistics
-                buf.copy_(weights[name].to(buf.dtype))
+                buf.copy_(weights.read(name).to(buf.dtype))
     return save_pretrained(model, out, extra={"exported_from": str(checkpoint),
                                               "optimizer_step": meta.get("optimizer_step")})
 
 
+def _canonical_input(checkpoint: str | Path) -> Path:
+    """The canonical/ directory to read: given directly, or found in a run / its checkpoints / a step directory."""
+    from ofa_scale.training.layout_resume import canonical_dir
+    from ofa_scale.training.run_dir import locate_run_checkpoint
+
+    path = Path(checkpoint)
+    located = locate_run_checkpoint(path)
+    if located is not None:
+        root, tag = located
+        return canonical_dir(root / "checkpoints" / tag)
+    if not path.exists():
+        raise UserError(f"{path} does not exist; pass an ofa-train run directory, one of its checkpoints/step_* "
+                        "directories, or a checkpoint's canonical/ directory")
+    return path
+
+
 def run(args: argparse.Namespace) -> int:
+    from ofa_scale.cli import require_empty_out
+
+    require_empty_out(args.out)
     out = export(args.checkpoint, args.out, args.arch)
     print(f"wrote {out}")
     return 0

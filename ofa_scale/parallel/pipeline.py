@@ -17,10 +17,9 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from ofa_scale.errors import ConfigError
 from ofa_scale.parallel.pipeline_layers import (
     DecoderEmbedPipe, DecoderLayerPipe, DecoderNormPipe, EncoderEmbedPipe, EncoderLayerPipe, SharedEmbedding,
-    blocks_to_layers, carve, embed_lookup, make_head, num_pipeline_layers)
+    blocks_to_layers, carve)
 
 TIED_KEY = "embed"
 
@@ -29,31 +28,9 @@ def pipeline_ds_config() -> dict:
     return {"pipeline": {"pipe_partitioned": False, "grad_partitioned": False}}
 
 
-def block_costs(model_cfg, method: str, image_size: int = 480, src_len: int = 128, tgt_len: int = 64,
-                tp: int = 1) -> list[float]:
-    """Relative cost of each block for balancing (flops: planner's forward-FLOP model; parameters: counts)."""
-    from ofa_scale.parallel.planner import (Workload, arch_from_model_config, param_groups,
-                                            pipeline_layer_costs)
-
-    arch = arch_from_model_config(model_cfg)
-    n = num_pipeline_layers(arch.enc_layers, arch.dec_layers)
-    if method == "uniform":
-        return [1.0] * n
-    if method == "flops":
-        return pipeline_layer_costs(arch, Workload(1, image_size, src_len, tgt_len), tp)
-    if method == "parameters":
-        g = param_groups(arch)
-        return ([g.embedding + g.stem_replicated + g.stem_split]
-                + [g.encoder_layer_split + g.encoder_layer_replicated] * arch.enc_layers
-                + [g.decoder_embed_split + g.decoder_embed_replicated]
-                + [g.decoder_layer_split + g.decoder_layer_replicated] * arch.dec_layers
-                + [g.embedding + g.head_replicated])
-    raise ConfigError(f"unknown pipeline partition method {method!r}; use flops, parameters, uniform or explicit")
-
-
 def stage_blocks(layout, model_cfg, image_size: int = 480, src_len: int = 128, tgt_len: int = 64) -> list[int]:
-    """Blocks per pipeline stage for the layout's partition method."""
-    from ofa_scale.parallel.planner import balanced_split
+    """Blocks per pipeline stage for the layout's partition method (costs and split: parallel/stage_balance.py)."""
+    from ofa_scale.parallel.stage_balance import balanced_split, block_costs
 
     if layout.partition == "explicit":
         return list(layout.stage_layers)
@@ -65,20 +42,19 @@ def build_layer_specs(model: nn.Module, factory) -> list:
     """The flat list of pipeline layers over a built (TP-local) OFAModel; consumes the model."""
     from deepspeed.pipe import LayerSpec, TiedLayerSpec
 
-    cfg = model.config
     parts = carve(model)
     specs: list[Any] = [
-        TiedLayerSpec(TIED_KEY, SharedEmbedding, parts["embedding"], forward_fn=embed_lookup,
-                      tied_weight_attr="embedding.weight"),
+        TiedLayerSpec(TIED_KEY, SharedEmbedding, parts["embedding"], factory, tied_weight_attr="embedding.weight"),
         LayerSpec(EncoderEmbedPipe, parts["encoder"]),
     ]
     for i, (layer, (tok, img)) in enumerate(zip(parts["enc_layers"], parts["enc_tables"])):
-        specs.append(LayerSpec(EncoderLayerPipe, layer, tok, img, i, cfg))
+        specs.append(LayerSpec(EncoderLayerPipe, layer, tok, img, i))
     specs.append(LayerSpec(DecoderEmbedPipe, parts["enc_norm"], parts["decoder"]))
     for i, (layer, (tok, img)) in enumerate(zip(parts["dec_layers"], parts["dec_tables"])):
-        specs.append(LayerSpec(DecoderLayerPipe, layer, tok, img, i, cfg))
+        specs.append(LayerSpec(DecoderLayerPipe, layer, tok, img, i))
     specs.append(LayerSpec(DecoderNormPipe, parts["dec_norm"]))
-    specs.append(TiedLayerSpec(TIED_KEY, SharedEmbedding, parts["embedding"], forward_fn=make_head(factory),
+    # the same module again (no forward_fn): its forward projects when handed the final states
+    specs.append(TiedLayerSpec(TIED_KEY, SharedEmbedding, parts["embedding"], factory,
                                tied_weight_attr="embedding.weight"))
     return specs
 

@@ -7,23 +7,31 @@ The user-visible units ("blocks", what `parallel.stage_layers` counts) are:
 
 Internally the embedding and the head are two pipeline layers each, because the shared token embedding is a
 DeepSpeed TiedLayerSpec on the first and last stage (its gradients are summed between the two copies), so the
-PipelineModule sees E + D + 5 layers; a block is never split across stages.
+PipelineModule sees E + D + 5 layers; a block is never split across stages. The tied layer is one module whose
+forward is the lookup on the first stage and the output projection on the last (no DeepSpeed `forward_fn`), so
+DeepSpeed's own checkpoint saves and restores it like any other layer.
 
-Between layers everything travels as one tuple of tensors. Masks and ids travel as int64 so DeepSpeed sends no
+First-stage inputs (`pipeline_inputs` builds them): src_tokens, patch_images, patch_masks (int64),
+prev_output_tokens, code_masks (int64), patch_sampling (int64 [sample_patch_num, generator seed]; [0, 0] = every
+patch). The embed stage rebuilds the patch generator from the seed, so it draws the patches pp = 1 draws.
+
+Between layers everything travels as one tuple of tensors. Masks and indices travel as int64 so DeepSpeed sends no
 gradient for them; every float tensor that crosses a stage boundary is used downstream, so it receives a gradient
 (DeepSpeed asserts this). Encoder stages carry: states, padding mask, the shared absolute-position bias, the
-position embeddings (for the decoder's cross bias), patch position ids, the decoder's token embeddings,
-prev_output_tokens and code masks. Decoder stages carry: states, self padding mask, self absolute bias, encoder
-states, encoder padding mask, cross bias, code masks.
+position embeddings (for the decoder's cross bias), the text and image relative-position bucket indices, the
+decoder's token embeddings, prev_output_tokens and code masks. Decoder stages carry: states, self padding mask,
+self absolute bias, the self-attention text and image bucket indices, encoder states, encoder padding mask, cross
+bias, code masks. The relative biases themselves are computed by the model's own functions
+(`encoder.relative_layer_bias`, `decoder.relative_self_bias`) from indices its `embed` steps built.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ofa_scale.model import positions
+from ofa_scale.model.decoder import relative_self_bias
+from ofa_scale.model.encoder import relative_layer_bias
 
 
 def num_pipeline_layers(encoder_layers: int, decoder_layers: int) -> int:
@@ -42,19 +50,6 @@ def blocks_to_layers(stage_blocks: list[int], encoder_layers: int, decoder_layer
     return out
 
 
-_BUCKETS: dict[tuple, torch.Tensor] = {}
-
-
-def _bucket(kind: str, size: int, extra: int, device: torch.device) -> torch.Tensor:
-    """Relative-position bucket tables, computed once per device and shared by every layer of the stage."""
-    key = (kind, size, extra, str(device))
-    if key not in _BUCKETS:
-        table = (positions.token_relative_buckets(size, extra) if kind == "token"
-                 else positions.image_relative_buckets(size))
-        _BUCKETS[key] = table.to(device)
-    return _BUCKETS[key]
-
-
 class _GivenEmbedding(nn.Module):
     """Stands in for the shared token embedding inside a carved encoder/decoder: the lookup already happened on the
     first stage (where the tied embedding lives), so `embed` is handed the result."""
@@ -70,31 +65,54 @@ class _GivenEmbedding(nn.Module):
         return value
 
 
-class SharedEmbedding(nn.Module):
-    """The tied token embedding (TiedLayerSpec module on the first and last stage)."""
+def pipeline_inputs(src_tokens: torch.Tensor, patch_images: torch.Tensor, patch_masks: torch.Tensor,
+                    prev_output_tokens: torch.Tensor, code_masks: torch.Tensor, sample_patch_num: int | None = None,
+                    patch_generator: torch.Generator | None = None) -> tuple:
+    """The first stage's input tuple for one micro-batch (the model's keyword arguments, as tensors).
 
-    def __init__(self, embedding: nn.Module):
+    A generator cannot travel through DeepSpeed's data path, so patch sampling sends its seed (the generator's
+    `initial_seed`, which the trainer set with manual_seed and has not drawn from)."""
+    k = int(sample_patch_num or 0)
+    if k and patch_generator is None:
+        raise ValueError("sample_patch_num > 0 needs the patch_generator it draws from")
+    sampling = torch.tensor([k, patch_generator.initial_seed() if k else 0], dtype=torch.int64)
+    return (src_tokens, patch_images, patch_masks.long(), prev_output_tokens, code_masks.long(), sampling)
+
+
+class SharedEmbedding(nn.Module):
+    """The tied token embedding (one TiedLayerSpec module on the first and the last stage).
+
+    On the first stage it receives the input tuple and looks up the source and target tokens; on the last it
+    receives the final hidden states (a tensor) and projects them onto the vocabulary with the same weight."""
+
+    def __init__(self, embedding: nn.Module, factory):
         super().__init__()
         self.embedding = embedding
+        self.factory = factory
 
     prefix_map = {"embedding": "encoder.embed_tokens"}
 
+    def forward(self, inputs):
+        if isinstance(inputs, torch.Tensor):
+            return self.factory.output_logits(inputs, self.embedding)
+        src_tokens, patch_images, patch_masks, prev_output_tokens, code_masks, sampling = inputs
+        return (self.embedding(src_tokens), self.embedding(prev_output_tokens), src_tokens, patch_images,
+                patch_masks, prev_output_tokens, code_masks, sampling)
+
 
 def _contiguous(values: tuple) -> tuple:
-    """p2p sends need contiguous buffers (expanded position tensors are views)."""
+    """p2p sends need contiguous buffers (expanded position tensors and bucket slices are views)."""
     return tuple(v.contiguous() for v in values)
 
 
-def embed_lookup(shared: SharedEmbedding, inputs):
-    src_tokens, patch_images, patch_masks, prev_output_tokens, code_masks = inputs
-    return (shared.embedding(src_tokens), shared.embedding(prev_output_tokens), src_tokens, patch_images,
-            patch_masks, prev_output_tokens, code_masks)
-
-
-def make_head(factory):
-    def head(shared: SharedEmbedding, x):
-        return factory.output_logits(x, shared.embedding)
-    return head
+def _patch_generator(sampling: torch.Tensor, device: torch.device) -> tuple[int, torch.Generator | None]:
+    """(sample_patch_num, generator) from the int64 [k, seed] input: the generator pp = 1 builds for this batch."""
+    k, seed = (int(v) for v in sampling.tolist())
+    if not k:
+        return 0, None
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return k, generator
 
 
 class EncoderEmbedPipe(nn.Module):
@@ -107,11 +125,15 @@ class EncoderEmbedPipe(nn.Module):
     prefix_map = {"encoder": "encoder"}
 
     def forward(self, inputs):
-        src_emb, tgt_emb, src_tokens, patch_images, patch_masks, prev_output_tokens, code_masks = inputs
+        src_emb, tgt_emb, src_tokens, patch_images, patch_masks, prev_output_tokens, code_masks, sampling = inputs
         self.encoder.embed_tokens.value = src_emb
-        x, padding_mask, pos = self.encoder.embed(src_tokens, patch_images, patch_masks.bool())
-        return _contiguous((x, padding_mask.long(), pos.abs_bias, pos.position_embeddings, pos.image_position_ids,
-                            tgt_emb, prev_output_tokens, code_masks))
+        k, generator = _patch_generator(sampling, patch_images.device)
+        x, padding_mask, pos = self.encoder.embed(src_tokens, patch_images, patch_masks.bool(), k, generator)
+        image_buckets = pos.image_buckets
+        if image_buckets is None:  # the tuple's layout is fixed: no image is an empty image block
+            image_buckets = pos.text_buckets.new_zeros((x.shape[0], 0, 0))
+        return _contiguous((x, padding_mask.long(), pos.abs_bias, pos.position_embeddings, pos.text_buckets,
+                            image_buckets, tgt_emb, prev_output_tokens, code_masks))
 
 
 class _LayerWithRelTables(nn.Module):
@@ -120,12 +142,11 @@ class _LayerWithRelTables(nn.Module):
 
     side = ""
 
-    def __init__(self, layer: nn.Module, token_table: nn.Module, image_table: nn.Module, index: int, cfg):
+    def __init__(self, layer: nn.Module, token_table: nn.Module, image_table: nn.Module, index: int):
         super().__init__()
         self.layer = layer
         self.token_table = token_table
         self.image_table = image_table
-        self.cfg = cfg
         self.prefix_map = {"layer": f"{self.side}.layers.{index}",
                            "token_table": f"{self.side}.token_rel_pos_table_list.{index}",
                            "image_table": f"{self.side}.image_rel_pos_table_list.{index}"}
@@ -135,19 +156,10 @@ class EncoderLayerPipe(_LayerWithRelTables):
     side = "encoder"
 
     def forward(self, inputs):
-        x, pad, abs_bias, pos_embed, image_ids, tgt_emb, prev, code = inputs
-        n = image_ids.shape[1]
-        s = x.shape[1] - n
-        cfg = self.cfg
-        bias = abs_bias.clone()
-        token_bucket = _bucket("token", cfg.token_bucket_size, cfg.max_source_positions, x.device)[:s, :s]
-        bias[:, :, n:, n:] += F.embedding(token_bucket, self.token_table.weight).permute(2, 0, 1).to(bias.dtype)
-        if n:
-            image_bucket = _bucket("image", cfg.image_bucket_size, 0, x.device)
-            b = image_bucket[image_ids[:, :, None], image_ids[:, None, :]]
-            bias[:, :, :n, :n] += F.embedding(b, self.image_table.weight).permute(0, 3, 1, 2).to(bias.dtype)
+        x, pad, abs_bias, pos_embed, text_buckets, image_buckets, tgt_emb, prev, code = inputs
+        bias = relative_layer_bias(abs_bias, self.token_table, self.image_table, text_buckets, image_buckets)
         x = self.layer(x, pad.bool(), bias)
-        return (x, pad, abs_bias, pos_embed, image_ids, tgt_emb, prev, code)
+        return (x, pad, abs_bias, pos_embed, text_buckets, image_buckets, tgt_emb, prev, code)
 
 
 class DecoderEmbedPipe(nn.Module):
@@ -161,38 +173,30 @@ class DecoderEmbedPipe(nn.Module):
     prefix_map = {"encoder_norm": "encoder.layer_norm", "decoder": "decoder"}
 
     def forward(self, inputs):
-        x, pad, abs_bias, pos_embed, image_ids, tgt_emb, prev, code = inputs
-        del abs_bias, image_ids  # consumed by the encoder layers
+        x, pad, abs_bias, pos_embed, text_buckets, image_buckets, tgt_emb, prev, code = inputs
+        del abs_bias, text_buckets, image_buckets  # consumed by the encoder layers
         enc_states = self.encoder_norm(x)
         self.decoder.embed_tokens.value = tgt_emb
         code_masks = code.bool()
         dx, self_pad, pos = self.decoder.embed(prev, code_masks if bool(code_masks.any()) else None)
         cross = self.decoder.cross_bias(pos, pos_embed)
         self_pad = prev.eq(self.decoder.padding_idx).long()
-        return _contiguous((dx, self_pad, pos.abs_bias, enc_states, pad, cross, code))
+        return _contiguous((dx, self_pad, pos.abs_bias, pos.text_buckets, pos.image_buckets, enc_states, pad, cross,
+                            code))
 
 
 class DecoderLayerPipe(_LayerWithRelTables):
     side = "decoder"
 
     def forward(self, inputs):
-        x, self_pad, self_abs, enc_states, enc_pad, cross, code = inputs
-        cfg = self.cfg
-        t = x.shape[1]
-        token_bucket = _bucket("token", cfg.token_bucket_size, cfg.max_target_positions, x.device)[:t, :t]
-        text = F.embedding(token_bucket, self.token_table.weight).permute(2, 0, 1)[None].to(self_abs.dtype)
+        x, self_pad, self_abs, text_buckets, image_buckets, enc_states, enc_pad, cross, code = inputs
         code_masks = code.bool()
-        if bool(code_masks.any()):
-            ids = positions.code_position_ids(cfg.code_grid_size, cfg.image_bucket_size).to(x.device)[:t]
-            b = _bucket("image", cfg.image_bucket_size, 0, x.device)[ids[:, None], ids[None, :]]
-            image = F.embedding(b, self.image_table.weight).permute(2, 0, 1)[None].to(self_abs.dtype)
-            bias = self_abs + torch.where(code_masks[:, None, None, None], image, text)
-        else:
-            bias = self_abs + text
+        bias = relative_self_bias(self_abs, self.token_table, self.image_table, text_buckets, image_buckets,
+                                  code_masks if bool(code_masks.any()) else None)
         pad = self_pad.bool()
         x = self.layer(x, pad if bool(pad.any()) else None, bias, enc_states, enc_pad.bool(), cross,
                        causal_offset=0)
-        return (x, self_pad, self_abs, enc_states, enc_pad, cross, code)
+        return (x, self_pad, self_abs, text_buckets, image_buckets, enc_states, enc_pad, cross, code)
 
 
 class DecoderNormPipe(nn.Module):
@@ -220,8 +224,6 @@ def carve(model: nn.Module) -> dict:
         module.token_rel_pos_table_list = nn.ModuleList()
         module.image_rel_pos_table_list = nn.ModuleList()
         module.embed_tokens = _GivenEmbedding()
-        for name in ("token_rp_bucket", "image_rp_bucket"):  # the pipe layers share one copy per device
-            del module._buffers[name]
     del enc._modules["layer_norm"], dec._modules["layer_norm"], dec._modules["output_projection"]
     return dict(embedding=embedding, encoder=enc, decoder=dec, enc_layers=enc_layers, enc_tables=enc_tables,
                 dec_layers=dec_layers, dec_tables=dec_tables, enc_norm=enc_norm, dec_norm=dec_norm)

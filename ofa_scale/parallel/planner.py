@@ -2,11 +2,12 @@
 
 The model (documented here because `ofa-plan` prints its numbers without showing its working):
 
-Parameters: counted exactly from the architecture (spec §4, §5.2; the presets' counts match the spec). Under TP a
-parameter is split when its rows/columns are per-head or per-FFN-unit (q/k/v/out and fc1/fc2 weights, column
-biases, relative-position tables, c_attn, ffn_layernorm, pos_q/pos_k linears, the vocabulary); everything else
-(ResNet, LayerNorms, row-parallel biases, position tables, image_proj) is replicated. Under PP each stage holds the
-parameters of its layers, the first and last stage both hold the tied embedding.
+Parameters: counted exactly from the model's OFAConfig (model/config.py) by parallel/stage_balance.py
+`param_groups`; the presets' counts match the spec (§4, §5.2). Under TP a parameter is split when its rows/columns
+are per-head or per-FFN-unit (q/k/v/out and fc1/fc2 weights, column biases, relative-position tables, c_attn,
+ffn_layernorm, pos_q/pos_k linears, the vocabulary); everything else (ResNet, LayerNorms, row-parallel biases,
+position tables, image_proj) is replicated. Under PP each stage holds the parameters of its layers, the first and
+last stage both hold the tied embedding.
 
 Memory per GPU (bytes):
   parameters  = P_local × b_p / (dp if ZeRO-3)            b_p = 2 (bf16) or 4 (fp32)
@@ -18,7 +19,8 @@ Memory per GPU (bytes):
                 one layer's working set. The first pipeline stage keeps `pp` micro-batches in flight (1F1B).
   buffers     = DeepSpeed's reduce/all-gather buckets (2 × bucket elements × b_p) + the PP send/recv buffers.
 
-FLOPs: the convention and terms of ofa_scale/model/flops.py (tested equal), split per pipeline block.
+FLOPs: those of ofa_scale/model/flops.py, split per pipeline block by parallel/stage_balance.py, which also
+balances the pipeline stages exactly as the pipeline module does at run time.
 
 Step time (seconds), no overlap of communication with compute (pessimistic, so rankings favour less traffic):
   compute  = FLOPs / (tflops × 1e12); training FLOPs = 3 × forward (4 × with activation checkpointing). Transformer
@@ -42,36 +44,18 @@ import math
 from dataclasses import asdict, dataclass, field
 
 from ofa_scale.errors import ConfigError
+from ofa_scale.model.config import PRESETS, OFAConfig
+from ofa_scale.model.flops import resnet_forward_flops, step_flops
+from ofa_scale.parallel.stage_balance import balanced_split, param_groups, pipeline_block_flops
 
 GiB = 1024**3
-IMAGE_FEATURE_DIM = 1024  # ResNet layer3 channels
-IMAGE_POSITIONS = 1765
-TOKEN_REL_BUCKETS = 511
-IMAGE_REL_BUCKETS = 6892
-RESNET_BLOCKS = {"resnet50": (3, 4, 6), "resnet101": (3, 4, 23), "resnet152": (3, 8, 36)}
 
-
-@dataclass(frozen=True)
-class ArchSpec:
-    d: int
-    ffn: int
-    heads: int
-    enc_layers: int
-    dec_layers: int
-    resnet: str = "resnet152"
-    vocab: int = 59457
-    enc_text_positions: int = 1026  # max_source_positions + 2
-    dec_text_positions: int = 1026  # max_target_positions + 2
-
-
-# Presets of spec §4.1, plus a 10B-class OFA for planning (same 2:1 encoder:decoder depth ratio as ofa_huge).
-ARCHS: dict[str, ArchSpec] = {
-    "ofa_tiny": ArchSpec(256, 1024, 4, 4, 4, "resnet50"),
-    "ofa_medium": ArchSpec(512, 2048, 8, 4, 4, "resnet101"),
-    "ofa_base": ArchSpec(768, 3072, 12, 6, 6, "resnet101"),
-    "ofa_large": ArchSpec(1024, 4096, 16, 12, 12, "resnet152"),
-    "ofa_huge": ArchSpec(1280, 5120, 16, 24, 12, "resnet152"),
-    "ofa_10b": ArchSpec(4096, 16384, 32, 32, 16, "resnet152"),
+# The presets of spec §4.1 (model/config.py), plus a 10B-class OFA for planning (same 2:1 encoder:decoder depth
+# ratio as ofa_huge).
+ARCHS: dict[str, OFAConfig] = {
+    **{name: OFAConfig.preset(name) for name in PRESETS},
+    "ofa_10b": OFAConfig(arch="ofa_10b", d_model=4096, ffn_dim=16384, heads=32, encoder_layers=32, decoder_layers=16,
+                         resnet="resnet152"),
 }
 
 
@@ -98,128 +82,13 @@ class Workload:
 
     @property
     def image_tokens(self) -> int:
-        return (self.image_size // 16) ** 2
+        """Patches of the ResNet's output grid (the stem's strides only, so any config gives the same grid)."""
+        _, h, w = resnet_forward_flops(OFAConfig(), self.image_size, self.image_size)
+        return h * w
 
 
-# -- parameters ---------------------------------------------------------------------------------------------------
-
-def resnet_params(name: str) -> int:
-    n = 3 * 64 * 49 + 2 * 64  # conv1 + bn1
-    channels = 64
-    for planes, blocks in zip((64, 128, 256), RESNET_BLOCKS[name]):
-        out = planes * 4
-        for j in range(blocks):
-            n += channels * planes + 9 * planes * planes + planes * out + 2 * (planes + planes + out)
-            if j == 0:
-                n += channels * out + 2 * out
-            channels = out
-    return n
-
-
-@dataclass
-class ParamGroups:
-    """Parameter counts by where they live (full, unsplit sizes)."""
-
-    embedding: int  # the shared vocabulary embedding (split under TP)
-    stem_replicated: int  # ResNet, image_proj, position tables, embedding LNs, type embedding
-    stem_split: int  # encoder pos_q/pos_k linears
-    encoder_layer_split: int
-    encoder_layer_replicated: int
-    decoder_embed_replicated: int
-    decoder_embed_split: int  # decoder self/cross pos_q/pos_k linears
-    decoder_layer_split: int
-    decoder_layer_replicated: int
-    head_replicated: int  # final decoder LayerNorm
-    enc_layers: int
-    dec_layers: int
-
-    def total(self) -> int:
-        return (self.embedding + self.stem_replicated + self.stem_split + self.decoder_embed_replicated
-                + self.decoder_embed_split + self.head_replicated
-                + self.enc_layers * (self.encoder_layer_split + self.encoder_layer_replicated)
-                + self.dec_layers * (self.decoder_layer_split + self.decoder_layer_replicated))
-
-
-def param_groups(a: ArchSpec) -> ParamGroups:
-    d, f, h = a.d, a.ffn, a.heads
-    rel = (TOKEN_REL_BUCKETS + IMAGE_REL_BUCKETS) * h  # per-layer relative tables (split by head)
-    attn_split = 4 * d * d + 3 * d + h  # q/k/v/out weights, q/k/v biases, c_attn
-    ffn_split = 2 * d * f + f + 2 * f  # fc1/fc2 weights, fc1 bias, ffn_layernorm
-    return ParamGroups(
-        embedding=a.vocab * d,
-        # ResNet, image_proj, text/patch embedding LNs, type embedding, text/image position tables, pos LNs
-        stem_replicated=resnet_params(a.resnet) + IMAGE_FEATURE_DIM * d + d + 2 * d + 2 * d + 2 * d
-        + (a.enc_text_positions + IMAGE_POSITIONS) * d + 4 * d,
-        stem_split=2 * (d * d + d),
-        encoder_layer_split=attn_split + ffn_split + rel,
-        encoder_layer_replicated=d + d + 3 * 2 * d,  # out_proj and fc2 biases, 3 LayerNorms
-        # the encoder's final LayerNorm runs at the start of the decoder-embedding pipeline layer
-        decoder_embed_replicated=2 * d + 2 * d + 2 * d + (a.dec_text_positions + IMAGE_POSITIONS) * d + 4 * d,
-        decoder_embed_split=4 * (d * d + d),
-        decoder_layer_split=2 * attn_split + ffn_split + rel,
-        decoder_layer_replicated=2 * d + d + 5 * 2 * d,
-        head_replicated=2 * d,
-        enc_layers=a.enc_layers, dec_layers=a.dec_layers)
-
-
-def total_params(a: ArchSpec) -> int:
-    return param_groups(a).total()
-
-
-def arch_from_model_config(cfg) -> ArchSpec:
-    """ArchSpec of an OFAConfig (ofa_scale.model.config)."""
-    return ArchSpec(cfg.d_model, cfg.ffn_dim, cfg.heads, cfg.encoder_layers, cfg.decoder_layers, cfg.resnet,
-                    cfg.vocab_size, cfg.max_source_positions + 2, cfg.max_target_positions + 2)
-
-
-# -- FLOPs (forward, per sample) ------------------------------------------------------------------------------------
-
-def resnet_flops(name: str, image_size: int) -> float:
-    """Multiply-adds × 2 of the convolutions (BN/ReLU are memory-bound and ignored)."""
-    s = image_size // 2
-    flops = 2 * 3 * 64 * 49 * s * s
-    s //= 2  # maxpool
-    channels = 64
-    for stage, (planes, blocks) in enumerate(zip((64, 128, 256), RESNET_BLOCKS[name])):
-        out = planes * 4
-        for j in range(blocks):
-            s_in = s
-            if j == 0 and stage > 0:
-                s = s // 2  # the stride sits on conv2 (ResNet v1.5)
-            flops += 2 * (channels * planes * s_in * s_in + 9 * planes * planes * s * s + planes * out * s * s)
-            if j == 0:
-                flops += 2 * channels * out * s * s
-            channels = out
-    return float(flops)
-
-
-@dataclass
-class FlopBreakdown:
-    resnet: float
-    encoder_layer: float
-    decoder_layer: float
-    embed: float  # image_proj + absolute-position bias projections
-    head: float  # output projection
-
-    def transformer(self, a: ArchSpec) -> float:
-        return self.embed + a.enc_layers * self.encoder_layer + a.dec_layers * self.decoder_layer + self.head
-
-    def total(self, a: ArchSpec) -> float:
-        return self.resnet + self.transformer(a)
-
-
-def forward_flops(a: ArchSpec, w: Workload) -> FlopBreakdown:
-    d, f = a.d, a.ffn
-    L = w.image_tokens + w.src_len
-    T = w.tgt_len
-    enc_layer = 2 * L * (4 * d * d + 2 * d * f) + 4 * L * L * d
-    dec_layer = 2 * T * (4 * d * d + 2 * d * f) + 4 * T * T * d  # self-attention + FFN
-    dec_layer += 2 * T * 2 * d * d + 2 * L * 2 * d * d + 4 * T * L * d  # cross-attention (q,o on T; k,v on L)
-    embed = 2 * w.image_tokens * IMAGE_FEATURE_DIM * d + 2 * L * 2 * d * d + 2 * L * L * d  # abs bias
-    embed += 4 * T * d * d + 2 * T * T * d  # decoder self-attention absolute bias
-    embed += 2 * T * d * d + 2 * L * d * d + 2 * T * L * d  # cross-attention absolute bias (keys from L)
-    head = 2 * T * d * a.vocab
-    return FlopBreakdown(resnet_flops(a.resnet, w.image_size), enc_layer, dec_layer, embed, head)
+def total_params(cfg: OFAConfig) -> int:
+    return param_groups(cfg).total()
 
 
 # -- one layout ---------------------------------------------------------------------------------------------------
@@ -264,64 +133,13 @@ class Plan:
         return d
 
 
-def pipeline_layer_costs(a: ArchSpec, w: Workload, tp: int) -> list[float]:
-    """Forward FLOPs per GPU of each entry of the flat pipeline list (stem+embed, enc layers, dec embed, dec layers,
-    head); transformer parts divide by tp, the ResNet does not."""
-    fb = forward_flops(a, w)
-    first = fb.resnet + fb.embed / tp * 0.5
-    return ([first] + [fb.encoder_layer / tp] * a.enc_layers + [fb.embed / tp * 0.5]
-            + [fb.decoder_layer / tp] * a.dec_layers + [fb.head / tp])
-
-
-def balanced_split(costs: list[float], parts: int) -> list[int]:
-    """Contiguous split of `costs` into `parts` non-empty runs minimising the largest run (binary search on the
-    bottleneck, greedy fill). Returns run lengths."""
-    if parts > len(costs):
-        raise ValueError("more stages than layers")
-    lo, hi = max(costs), sum(costs)
-    for _ in range(100):
-        mid = (lo + hi) / 2
-        if _runs_needed(costs, mid) <= parts:
-            hi = mid
-        else:
-            lo = mid
-    return _fill(costs, hi, parts)
-
-
-def _runs_needed(costs, cap):
-    runs, acc = 1, 0.0
-    for c in costs:
-        if acc + c > cap and acc > 0:
-            runs, acc = runs + 1, c
-        else:
-            acc += c
-    return runs
-
-
-def _fill(costs, cap, parts):
-    """Greedy runs under `cap`, then split the longest runs until there are exactly `parts`."""
-    runs, acc, n = [], 0.0, 0
-    for c in costs:
-        if acc + c > cap * (1 + 1e-9) and n > 0:
-            runs.append(n)
-            acc, n = 0.0, 0
-        acc += c
-        n += 1
-    runs.append(n)
-    while len(runs) < parts:
-        i = max(range(len(runs)), key=lambda k: runs[k])
-        half = runs[i] // 2
-        runs[i:i + 1] = [runs[i] - half, half]
-    return runs
-
-
-def stage_params(a: ArchSpec, tp: int, stage_layers: list[int]) -> list[int]:
+def stage_params(cfg: OFAConfig, tp: int, stage_layers: list[int]) -> list[int]:
     """Parameters held by one TP rank of each pipeline stage."""
-    g = param_groups(a)
+    g = param_groups(cfg)
     per_layer = ([g.stem_replicated + (g.stem_split + g.embedding) / tp]
-                 + [g.encoder_layer_replicated + g.encoder_layer_split / tp] * a.enc_layers
+                 + [g.encoder_layer_replicated + g.encoder_layer_split / tp] * cfg.encoder_layers
                  + [g.decoder_embed_replicated + g.decoder_embed_split / tp]
-                 + [g.decoder_layer_replicated + g.decoder_layer_split / tp] * a.dec_layers
+                 + [g.decoder_layer_replicated + g.decoder_layer_split / tp] * cfg.decoder_layers
                  + [g.head_replicated + (g.embedding / tp if len(stage_layers) > 1 else 0)])
     out, start = [], 0
     for n in stage_layers:
@@ -340,13 +158,13 @@ class RankMemory:
     params_held: int  # parameters of the stage on this TP rank, before ZeRO-3 partitioning
 
 
-def rank_memory(a: ArchSpec, tp: int, dp: int, zero: int, precision: str, stage_layers: list[int]
+def rank_memory(cfg: OFAConfig, tp: int, dp: int, zero: int, precision: str, stage_layers: list[int]
                 ) -> list[RankMemory]:
     """Parameter, gradient and optimizer-state bytes per rank for each pipeline stage (see module docstring)."""
     bp = 2 if precision == "bf16" else 4
     bo = 12 if precision == "bf16" else 8
     out = []
-    for p_local in stage_params(a, tp, stage_layers):
+    for p_local in stage_params(cfg, tp, stage_layers):
         out.append(RankMemory(params=p_local * bp / (dp if zero >= 3 else 1),
                               grads=p_local * bp / (dp if zero >= 2 else 1),
                               optimizer=p_local * bo / (dp if zero >= 1 else 1), params_held=p_local))
@@ -361,37 +179,37 @@ def layer_activation_bytes(s: int, b: int, d: int, heads: int, tp: int) -> float
     return s * b * d * (10 + 24 / tp + 5 * heads * s / (d * tp))
 
 
-def plan_layout(a: ArchSpec, w: Workload, hw: Hardware, tp: int, pp: int, zero: int, checkpointing: bool,
+def plan_layout(cfg: OFAConfig, w: Workload, hw: Hardware, tp: int, pp: int, zero: int, checkpointing: bool,
                 micro_batch: int) -> Plan:
     dp = hw.gpus // (tp * pp)
     per_replica = w.global_batch // dp
     m = per_replica // micro_batch
     bp = 2 if w.precision == "bf16" else 4
-    L, T, d = w.image_tokens + w.src_len, w.tgt_len, a.d
-    costs = pipeline_layer_costs(a, w, tp)
+    L, T, d = w.image_tokens + w.src_len, w.tgt_len, cfg.d_model
+    costs = pipeline_block_flops(cfg, w.image_size, w.src_len, w.tgt_len, tp)
     stage_layers = balanced_split(costs, pp) if pp > 1 else [len(costs)]
-    mems = rank_memory(a, tp, dp, zero, w.precision, stage_layers)
+    mems = rank_memory(cfg, tp, dp, zero, w.precision, stage_layers)
     busiest = max(mems, key=lambda m: m.params_held)
     p_local = busiest.params_held
     mem_p, mem_g, mem_o = busiest.params, busiest.grads, busiest.optimizer
 
     # activations on the first stage (the ResNet lives there and it keeps pp micro-batches in flight)
     in_flight = min(pp, m)
-    first_enc = max(0, min(stage_layers[0] - 1, a.enc_layers))
+    first_enc = max(0, min(stage_layers[0] - 1, cfg.encoder_layers))
     act_bytes_scale = bp / 2  # the Korthikanti count assumes 2-byte activations
-    enc_full = layer_activation_bytes(L, micro_batch, d, a.heads, tp) * act_bytes_scale
+    enc_full = layer_activation_bytes(L, micro_batch, d, cfg.heads, tp) * act_bytes_scale
     enc_ckpt = 2 * L * micro_batch * d * act_bytes_scale
-    resnet_act = _resnet_activation_elements(a.resnet, w.image_size) * micro_batch * bp * 3
-    dec_full = (layer_activation_bytes(T, micro_batch, d, a.heads, tp)
+    resnet_act = _resnet_activation_elements(cfg, w.image_size) * micro_batch * bp * 3
+    dec_full = (layer_activation_bytes(T, micro_batch, d, cfg.heads, tp)
                 + 4 * L * micro_batch * d / tp) * act_bytes_scale  # cross-attention keys/values
     # worst stage: take the max of the stage holding the stem and a pure-decoder stage
-    layers_full = first_enc * enc_full if pp > 1 else a.enc_layers * enc_full + a.dec_layers * dec_full
-    layers_ckpt = (first_enc * enc_ckpt if pp > 1 else a.enc_layers * enc_ckpt
-                   + a.dec_layers * 2 * T * micro_batch * d * act_bytes_scale) + enc_full
+    layers_full = first_enc * enc_full if pp > 1 else cfg.encoder_layers * enc_full + cfg.decoder_layers * dec_full
+    layers_ckpt = (first_enc * enc_ckpt if pp > 1 else cfg.encoder_layers * enc_ckpt
+                   + cfg.decoder_layers * 2 * T * micro_batch * d * act_bytes_scale) + enc_full
     act_no_ckpt = in_flight * (resnet_act + layers_full)
     act_ckpt = in_flight * (resnet_act + layers_ckpt)
     # logits (vocab-split) are materialised in fp32 for the loss on the last stage
-    logits = micro_batch * T * a.vocab / tp * 4 * 2
+    logits = micro_batch * T * cfg.vocab_size / tp * 4 * 2
     act_no_ckpt, act_ckpt = act_no_ckpt + logits, act_ckpt + logits
     buffers = 2 * min(w.bucket_elements, p_local) * bp + (2 * (L + T) * micro_batch * d * bp if pp > 1 else 0)
 
@@ -411,16 +229,16 @@ def plan_layout(a: ArchSpec, w: Workload, hw: Hardware, tp: int, pp: int, zero: 
         return 2 * (n - 1) / n * nbytes / bw + 2 * math.log2(n) * hop
 
     # per micro-batch: one all-reduce per attention/FFN block, forward and backward (+ the recomputed forward)
-    n_collectives = 2 * a.enc_layers + 3 * a.dec_layers
-    per_call = (2 * a.enc_layers * L + 3 * a.dec_layers * T) * micro_batch * d * bp / n_collectives
+    n_collectives = 2 * cfg.encoder_layers + 3 * cfg.decoder_layers
+    per_call = (2 * cfg.encoder_layers * L + 3 * cfg.decoder_layers * T) * micro_batch * d * bp / n_collectives
     t_tp = (n_collectives * ar(per_call, tp, bw_tp) * (3 if checkpointing else 2) * m / pp) if tp > 1 else 0.0
     bw_pp = _group_bw(hw, tp * dp, pp)
     t_pp = 0.0
     for boundary in _starts(stage_layers)[1:]:  # first block index of each later stage
-        if boundary <= a.enc_layers:  # encoder side: states, position embeddings, shared bias, decoder tokens
-            elements = 2 * L * d + L * L * a.heads / tp + T * d
+        if boundary <= cfg.encoder_layers:  # encoder side: states, position embeddings, shared bias, decoder tokens
+            elements = 2 * L * d + L * L * cfg.heads / tp + T * d
         else:  # decoder side: states, encoder states, self and cross biases
-            elements = T * d + L * d + (T * T + T * L) * a.heads / tp
+            elements = T * d + L * d + (T * T + T * L) * cfg.heads / tp
         t_pp += 2 * elements * micro_batch * bp / bw_pp  # forward activations and backward gradients
     t_pp *= (m + pp - 1) / pp
     bw_dp = _group_bw(hw, tp, dp)
@@ -444,12 +262,12 @@ def _starts(runs):
     return out
 
 
-def _resnet_activation_elements(name: str, image_size: int) -> float:
+def _resnet_activation_elements(cfg: OFAConfig, image_size: int) -> float:
     """Elements of every conv output of the stem for one image (each is kept for BN and ReLU backward)."""
     s = image_size // 2
     n = 64 * s * s
     s //= 2
-    for stage, (planes, blocks) in enumerate(zip((64, 128, 256), RESNET_BLOCKS[name])):
+    for stage, (planes, blocks) in enumerate(zip((64, 128, 256), cfg.resnet_blocks)):
         for j in range(blocks):
             s_in = s
             if j == 0 and stage > 0:
@@ -458,13 +276,13 @@ def _resnet_activation_elements(name: str, image_size: int) -> float:
     return float(n)
 
 
-def enumerate_plans(a: ArchSpec, w: Workload, hw: Hardware, include_infeasible: bool = False) -> list[Plan]:
+def enumerate_plans(cfg: OFAConfig, w: Workload, hw: Hardware, include_infeasible: bool = False) -> list[Plan]:
     """Every layout of the GPUs, each with the largest micro-batch that fits; ranked by predicted step time."""
     if hw.gpus < 1 or w.global_batch < 1:
         raise ConfigError("--gpus and --global-batch must be positive")
     plans: list[Plan] = []
-    layers = a.enc_layers + a.dec_layers
-    tps = [t for t in _pow2_upto(min(hw.gpus_per_node, hw.gpus)) if a.heads % t == 0 and a.ffn % t == 0]
+    layers = cfg.encoder_layers + cfg.decoder_layers
+    tps = [t for t in _pow2_upto(min(hw.gpus_per_node, hw.gpus)) if cfg.heads % t == 0 and cfg.ffn_dim % t == 0]
     for tp, pp in itertools.product(tps, range(1, layers + 1)):
         if hw.gpus % (tp * pp):
             continue
@@ -478,7 +296,7 @@ def enumerate_plans(a: ArchSpec, w: Workload, hw: Hardware, include_infeasible: 
             for mb in sorted(_divisors(per_replica), reverse=True):
                 if pp > 1 and per_replica // mb < pp:
                     continue  # fewer micro-batches than stages leaves stages idle
-                p = plan_layout(a, w, hw, tp, pp, zero, ckpt, mb)
+                p = plan_layout(cfg, w, hw, tp, pp, zero, ckpt, mb)
                 if p.mem_total_gb <= hw.gpu_mem_gb:
                     best = p
                     break
@@ -497,7 +315,7 @@ def _divisors(n: int) -> list[int]:
     return [k for k in range(1, n + 1) if n % k == 0]
 
 
-def mfu(plan: Plan, a: ArchSpec, w: Workload, hw: Hardware) -> float:
+def mfu(plan: Plan, cfg: OFAConfig, w: Workload, hw: Hardware) -> float:
     """Model FLOPs (3 × forward, no recomputation) per second over the cluster's peak."""
-    useful = 3 * forward_flops(a, w).total(a) * w.global_batch
+    useful = step_flops(cfg, w.global_batch, w.src_len, w.tgt_len, w.image_size).train_step
     return useful / plan.step_time / (hw.gpus * hw.tflops * 1e12)

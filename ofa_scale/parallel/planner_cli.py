@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 from ofa_scale.cli import run_cli
 from ofa_scale.errors import ConfigError
-from ofa_scale.parallel.planner import ARCHS, ArchSpec, Hardware, Workload, enumerate_plans, mfu, total_params
+from ofa_scale.model.config import OFAConfig
+from ofa_scale.parallel.planner import ARCHS, Hardware, Workload, enumerate_plans, mfu, total_params
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,7 +44,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def arch_from_args(args) -> tuple[str, ArchSpec]:
+# Flags that must be >= 1 (counts, sizes) and > 0 and finite (rates, capacities); --top may be 0 (= all rows).
+POSITIVE_INTS = ("gpus", "global_batch", "gpus_per_node", "image_size", "src_len", "tgt_len", "layers", "dec_layers",
+                 "hidden", "heads", "ffn")
+POSITIVE_FLOATS = ("gpu_mem_gb", "tflops", "intra_node_gbs", "inter_node_gbs")
+
+
+def check_numbers(args) -> None:
+    """Refuse a negative, zero or non-finite number up front: the planner would otherwise divide by it or rank
+    layouts by NaN step times and print them as if they were predictions."""
+    for dest in POSITIVE_INTS:
+        value = getattr(args, dest)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{dest.replace('_', '-')} must be a positive integer, not {value}")
+    for dest in POSITIVE_FLOATS:
+        value = getattr(args, dest)
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"--{dest.replace('_', '-')} must be a positive finite number, not {value:g}")
+    if args.top < 0:
+        raise ConfigError(f"--top must be 0 (all rows) or a positive number of rows, not {args.top}")
+
+
+def arch_from_args(args) -> tuple[str, OFAConfig]:
     custom = [args.layers, args.hidden, args.heads]
     if args.arch and any(v is not None for v in custom + [args.ffn, args.dec_layers]):
         raise ConfigError("give either --arch or the custom size flags (--layers --hidden --heads [--ffn]), not both")
@@ -53,7 +76,9 @@ def arch_from_args(args) -> tuple[str, ArchSpec]:
     if args.hidden % args.heads:
         raise ConfigError(f"--hidden {args.hidden} must be divisible by --heads {args.heads}")
     dec = args.dec_layers if args.dec_layers is not None else max(1, args.layers // 2)
-    spec = ArchSpec(args.hidden, args.ffn or 4 * args.hidden, args.heads, args.layers, dec, args.resnet)
+    spec = OFAConfig(arch="custom", d_model=args.hidden, ffn_dim=args.ffn or 4 * args.hidden, heads=args.heads,
+                     encoder_layers=args.layers, decoder_layers=dec, resnet=args.resnet)
+    spec.validate()
     return f"custom d={args.hidden} L={args.layers}+{dec}", spec
 
 
@@ -77,9 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def go() -> int:
+        check_numbers(args)
         name, arch = arch_from_args(args)
-        if args.gpus < 1 or args.global_batch < 1:
-            raise ConfigError("--gpus and --global-batch must be positive integers")
         hw = Hardware(args.gpus, args.gpu_mem_gb, args.tflops, args.gpus_per_node, args.intra_node_gbs,
                       args.inter_node_gbs)
         w = Workload(args.global_batch, args.image_size, args.src_len, args.tgt_len, args.precision)

@@ -12,9 +12,10 @@ gradient megatron all-reduces over the TP group. Their gradients are therefore i
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ofa_scale.parallel import collectives
 
 INIT_STD = 0.02  # fairseq init_bert_params: every Linear/Embedding weight ~ N(0, 0.02)
 
@@ -37,15 +38,11 @@ class _AllReduceSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
-        x = x.clone()
-        dist.all_reduce(x, group=group)
-        return x
+        return collectives.all_reduce(x.clone(), "sum", group)
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
+        return collectives.all_reduce(grad.clone(), "sum", ctx.group), None
 
 
 def all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:

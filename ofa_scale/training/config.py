@@ -53,6 +53,7 @@ class DataSection:
     shuffle_buffer: int = 256  # per stream and source; 0 keeps the shard order (OFA reads files in order)
     decode_min_size: dict[str, int] = field(default_factory=dict)  # per source, see LoaderConfig
     on_corrupt: Literal["skip", "fail"] = "skip"
+    verify_shards: bool = False  # check each shard's sha256 against manifest.json when it is opened
 
 
 @dataclass
@@ -85,6 +86,9 @@ class TrainSection:
     log_interval: int = 1  # console line every N steps (metrics.jsonl always gets every step)
     ckpt_interval: int = 1000  # checkpoint every N steps (and always at the end)
     keep_checkpoints: int = 3  # newest checkpoints kept on disk; 0 keeps all
+    compile: bool = False  # torch.compile each encoder/decoder layer and the ResNet stem (torchtitan-style)
+    channels_last: bool = False  # run the ResNet stem in channels-last memory format
+    max_nonfinite_steps: int = 5  # stop after this many non-finite steps in a row (each one is skipped)
 
 
 @dataclass
@@ -110,6 +114,7 @@ class LoggingSection:
     tracking_uri: Optional[str] = None  # default: sqlite file in the run dir; MLFLOW_TRACKING_URI wins over both
     experiment: str = "ofa-scale"
     run_name: Optional[str] = None  # default: the run directory's name
+    connect_timeout_s: float = 10.0  # how long the tracking store may take to answer before the run stops
 
 
 @dataclass
@@ -170,6 +175,12 @@ class TrainingConfig:
         if self.deepspeed.template is not None and not Path(self.deepspeed.template).is_file():
             raise ConfigError(f"deepspeed.template {self.deepspeed.template} does not exist; "
                               "point it at a JSON file such as ds_configs/zero3.json")
+        if not self.logging.connect_timeout_s > 0:
+            raise ConfigError(f"logging.connect_timeout_s is {self.logging.connect_timeout_s}; give a positive "
+                              "number of seconds")
+        if self.train.max_nonfinite_steps < 1:
+            raise ConfigError("train.max_nonfinite_steps must be >= 1 (non-finite steps in a row before the run "
+                              "stops)")
         self.objectives.validate()
         if self.objectives.drop_worst_ratio > 0:
             raise ConfigError("objectives.drop_worst_ratio is a caption-finetuning option that ofa-train's "

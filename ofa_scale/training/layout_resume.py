@@ -1,15 +1,14 @@
 """Resuming under a different parallel layout, through the layout-free checkpoint written next to DeepSpeed's.
 
 DeepSpeed's own files (ZeRO partitions, pipeline layer files, per-rank RNG) only load into the layout that wrote
-them. Every trainer checkpoint therefore also holds `<tag>/canonical/` (parallel/canonical.py: full, unsplit fp32
-weights, BatchNorm statistics and Adam moments under OFA names, plus the optimizer step and the learning-rate
-schedule position). `--resume` under the same layout loads DeepSpeed's files as before (bit-exact, RNG included), except
-with pp > 1: DeepSpeed's pipeline checkpoint does not save tied layers built with a forward_fn (OFA's shared
-embedding), so pipelines always load the layout-free copy (plus, under the same layout, the per-rank RNG). Under
-another layout (tp, pp, dp, ZeRO stage or world size differ) it loads the weights into the freshly built
-module before deepspeed.initialize and the moments into the engine afterwards. What does not carry over: the
-per-rank RNG streams (dropout draws after the resume differ from an uninterrupted run; losses match exactly only
-without dropout) and fp16 loss-scaler state.
+them. Every trainer checkpoint therefore also holds `<tag>/canonical/` (parallel/canonical.py: fp32 weights,
+BatchNorm statistics and Adam moments under OFA names, each rank writing its own slices, plus the optimizer step
+and the learning-rate schedule position in the index). `--resume` under the same layout loads DeepSpeed's files
+(bit-exact, RNG included; pipelines too, since the shared embedding is an ordinary tied layer that DeepSpeed
+saves on both end stages). Under another layout (tp, pp, dp, ZeRO stage or world size differ) every rank reads
+only its slices: the weights into the freshly built module before deepspeed.initialize and the moments into the
+engine afterwards. What does not carry over: the per-rank RNG streams (dropout draws after the resume differ from
+an uninterrupted run; losses match exactly only without dropout) and fp16 loss-scaler state.
 """
 
 from __future__ import annotations
@@ -39,7 +38,9 @@ def canonical_dir(tag_dir: Path) -> Path:
 
 
 def require_canonical(tag_dir: Path, saved_layout: Optional[dict], saved_world: Optional[int]) -> None:
-    if not (canonical_dir(tag_dir) / "canonical.json").is_file():
+    from ofa_scale.parallel.canonical_store import INDEX
+
+    if not (canonical_dir(tag_dir) / INDEX).is_file():
         raise UserError(f"{tag_dir} (written under layout {saved_layout or {}}, {saved_world} processes) holds no "
                         f"layout-free copy ({CANONICAL_DIR}/), which resuming a pipeline or changing the layout "
                         f"needs; resume with the original layout and process count (and pp=1)")
@@ -58,7 +59,7 @@ class _EngineView:
 
 
 def write_canonical(ctx, engine, tag_dir: Path, model_config, step: int, lr_scheduler) -> None:
-    """Collective: every rank calls it; global rank 0 writes `<tag_dir>/canonical/`."""
+    """Collective: every rank calls it and writes its slices into `<tag_dir>/canonical/`."""
     from ofa_scale.parallel.canonical import full_shapes, save_canonical
 
     save_canonical(ctx, _EngineView(engine), canonical_dir(tag_dir), full_shapes(model_config),
@@ -66,19 +67,22 @@ def write_canonical(ctx, engine, tag_dir: Path, model_config, step: int, lr_sche
 
 
 def load_canonical_weights(tag_dir: Path, ctx, model: torch.nn.Module) -> None:
-    """This rank's shard of the checkpoint's weights (call before deepspeed.initialize)."""
-    from ofa_scale.parallel.canonical import load_model_weights, read_canonical
+    """This rank's slices of the checkpoint's weights (call before deepspeed.initialize)."""
+    from ofa_scale.parallel.canonical import load_model_weights
+    from ofa_scale.parallel.canonical_store import MODEL, CanonicalReader
 
-    weights, _, _ = read_canonical(canonical_dir(tag_dir))
-    load_model_weights(ctx, model, weights)
+    load_model_weights(ctx, model, CanonicalReader(canonical_dir(tag_dir)).view(MODEL))
 
 
 def load_canonical_optimizer(tag_dir: Path, ctx, engine, lr_scheduler) -> None:
-    """Adam moments and step counter into the engine, and the schedule back at the checkpoint's step."""
-    from ofa_scale.parallel.canonical import load_optimizer_state, read_canonical
+    """This rank's slices of the Adam moments and the step counter into the engine, and the schedule back at the
+    checkpoint's step."""
+    from ofa_scale.parallel.canonical import load_optimizer_state
+    from ofa_scale.parallel.canonical_store import CanonicalReader
 
-    _, moments, meta = read_canonical(canonical_dir(tag_dir))
-    load_optimizer_state(ctx, _EngineView(engine), moments, meta["optimizer_step"])
+    reader = CanonicalReader(canonical_dir(tag_dir))
+    meta = reader.meta
+    load_optimizer_state(ctx, _EngineView(engine), reader, meta["optimizer_step"])
     schedule_step = int(meta["extra"]["lr_schedule_step"])
     # LambdaLR: lr = base_lr × λ(step); set the position and every group's lr to what step() would have left
     lr_scheduler.last_epoch = schedule_step

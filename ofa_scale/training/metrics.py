@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
-import torch.distributed as dist
+
+from ofa_scale.parallel import collectives
 
 from ofa_scale.utils.io import atomic_write_text
 
@@ -55,9 +56,9 @@ class TaskAccumulator:
         self.totals[2] += value
 
     def all_reduce(self, group=None) -> None:
-        if dist.is_available() and dist.is_initialized():
-            flat = torch.cat([self.per_task.flatten(), self.totals])
-            dist.all_reduce(flat, group=group)
+        """Sum over `group` in one all-reduce of a CPU float64 tensor (the collectives module's policy)."""
+        if collectives.is_distributed():
+            flat = collectives.all_reduce(torch.cat([self.per_task.flatten(), self.totals]), "sum", group)
             n = self.per_task.numel()
             self.per_task = flat[:n].view_as(self.per_task).clone()
             self.totals = flat[n:].clone()
@@ -108,13 +109,23 @@ class MetricsFile:
     def append(self, record: dict[str, Any]) -> None:
         if self._fh is None:
             self._fh = open(self.path, "a", encoding="utf-8")
-        self._fh.write(json.dumps(record, allow_nan=True) + "\n")
+        self._fh.write(dumps_record(record) + "\n")
         self._fh.flush()
 
     def close(self) -> None:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
+
+
+def dumps_record(record: dict[str, Any]) -> str:
+    """One metrics.jsonl line as strict JSON: a non-finite number becomes null and `nonfinite` lists its keys
+    (bare NaN/Infinity are not JSON, and most readers reject the whole file for one of them)."""
+    bad = [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        record = {k: (None if k in bad else v) for k, v in record.items()}
+        record["nonfinite"] = bad
+    return json.dumps(record, allow_nan=False)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -160,12 +171,21 @@ def format_duration(seconds: float) -> str:
 
 
 def console_line(record: dict[str, Any], total_steps: int, eta_s: float) -> str:
-    parts = [f"step {record['step']}/{total_steps}", f"loss {record['loss']:.4f}", f"lr {record['lr']:.2e}",
+    loss = record.get("loss")
+    parts = [f"step {record['step']}/{total_steps}", f"loss {loss:.4f}" if loss is not None else "loss -",
+             f"lr {record['lr']:.2e}",
              f"gnorm {record['grad_norm']:.3f}" if record.get("grad_norm") is not None else "gnorm -",
              f"{record['samples_per_s']:.1f} samples/s", f"{record['tokens_per_s']:.0f} tok/s"]
     if record.get("mfu") is not None:
         parts.append(f"mfu {100 * record['mfu']:.1f}%")
-    if record.get("skipped_steps"):
-        parts.append(f"skipped {record['skipped_steps']}")
+    if record.get("skipped_steps") or record.get("nonfinite_steps"):
+        parts.append(f"skipped {max(record.get('skipped_steps') or 0, record.get('nonfinite_steps') or 0)}")
+    if record.get("host_peak_gib") is not None:
+        mem = f"mem {record['host_peak_gib']:.2f} GiB"
+        if record.get("host_peak_gib_min") is not None and record["host_peak_gib_min"] != record["host_peak_gib"]:
+            mem = f"mem {record['host_peak_gib_min']:.2f}–{record['host_peak_gib']:.2f} GiB"
+        if record.get("accel_peak_gib") is not None:
+            mem += f" / accel {record['accel_peak_gib']:.2f} GiB"
+        parts.append(mem)
     parts.append(f"eta {format_duration(eta_s)}")
     return " | ".join(parts)

@@ -6,13 +6,21 @@ filesystem breaks under file locking. The run id is kept in every checkpoint, so
 logging into the same mlflow run.
 
 Uses MlflowClient (not the fluent API) so no global "active run" state leaks into the trainer.
+
+The store is checked up front with a short timeout (`connect_timeout_s`): mlflow's own retries take minutes to
+give up on an unreachable server or an unwritable sqlite file. A resumed run skips the steps the previous attempt
+already logged (a requeued job replays the steps after its last checkpoint), and an attempt that died without
+closing its run (kill -9, node loss: the run is still RUNNING when the next attempt opens it) is recorded in tags.
 """
 
 from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any, Optional
 
@@ -21,6 +29,7 @@ from ofa_scale.errors import UserError
 MAX_PARAMS_PER_CALL = 100  # mlflow's log_batch limit
 MAX_PARAM_VALUE_CHARS = 6000  # mlflow's param value limit
 MAX_METRICS_PER_CALL = 1000
+DEFAULT_CONNECT_TIMEOUT_S = 10.0
 
 
 def default_tracking_uri(run_dir: Path) -> str:
@@ -52,19 +61,58 @@ def git_commit(repo: Path) -> str:
         return "unknown"
 
 
+def check_store(tracking_uri: str, timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S) -> None:
+    """Fail in seconds, in one sentence, when the tracking store cannot work: a server that does not answer within
+    `timeout_s`, or a sqlite file whose directory cannot be written. Other stores are left to mlflow."""
+    if tracking_uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(f"{tracking_uri.rstrip('/')}/health", timeout=timeout_s):
+                pass
+        except urllib.error.HTTPError:
+            return  # it answered: reachable (an auth proxy may refuse /health; mlflow's calls report the rest)
+        except (OSError, ValueError) as e:  # URLError, timeouts, refused connections, malformed URLs
+            reason = getattr(e, "reason", None) or e
+            raise UserError(f"cannot use mlflow at {tracking_uri}: the tracking server did not answer within "
+                            f"{timeout_s:g} s ({reason}); start it, fix logging.tracking_uri / MLFLOW_TRACKING_URI, "
+                            f"raise logging.connect_timeout_s, or set logging.mlflow=false") from None
+    elif tracking_uri.startswith("sqlite:///"):
+        _check_writable(Path(tracking_uri[len("sqlite:///"):]), tracking_uri)
+
+
+def _check_writable(db: Path, tracking_uri: str) -> None:
+    # sqlite writes a journal next to the database, so the directory itself must take new files
+    folder = db.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".mlflow-probe-", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+        if db.exists():
+            with open(db, "r+b"):
+                pass
+    except OSError as e:
+        raise UserError(f"cannot use mlflow at {tracking_uri}: the sqlite store is not writable "
+                        f"({e.strerror or e}: {e.filename or folder}); point logging.tracking_uri at a writable "
+                        f"place, or set logging.mlflow=false") from None
+
+
 class MlflowRun:
     """One mlflow run: created fresh, or reopened by id on resume."""
 
     def __init__(self, tracking_uri: str, experiment: str, run_name: str, run_dir: Path,
-                 run_id: Optional[str] = None):
+                 run_id: Optional[str] = None, connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S):
         import mlflow
-        from mlflow.tracking import MlflowClient
 
         self.tracking_uri = tracking_uri
         self._mlflow = mlflow
-        self.client = MlflowClient(tracking_uri=tracking_uri)
         self.resumed = run_id is not None
+        # steps the previous attempts already logged, per metric key: a resume replays steps after its checkpoint
+        self._logged_through: dict[str, int] = {}
+        check_store(tracking_uri, connect_timeout_s)
         try:
+            from mlflow.tracking import MlflowClient
+
+            self.client = MlflowClient(tracking_uri=tracking_uri)
             if run_id is None:
                 exp = self.client.get_experiment_by_name(experiment)
                 if exp is None:
@@ -79,14 +127,32 @@ class MlflowRun:
                 self.run_id = run.info.run_id
             else:
                 self.run_id = run_id
-                self.client.get_run(run_id)  # fails clearly if the store lost it
-                self.client.update_run(run_id, status="RUNNING")
+                self._reopen(self.client.get_run(run_id))  # get_run fails clearly if the store lost it
         except UserError:
             raise
         except Exception as e:  # connection refused, bad URI, missing run …
             raise UserError(f"cannot use mlflow at {tracking_uri} ({type(e).__name__}: {str(e).splitlines()[0]}); "
                             "start the tracking server, fix logging.tracking_uri / MLFLOW_TRACKING_URI, "
                             "or set logging.mlflow=false") from None
+
+    def _reopen(self, previous) -> None:
+        """Mark the run RUNNING again; remember what the earlier attempts logged; record an abandoned attempt."""
+        for key in previous.data.metrics:
+            history = self.client.get_metric_history(self.run_id, key)
+            if history:
+                self._logged_through[key] = max(m.step for m in history)
+        tags = previous.data.tags
+        attempt = int(tags.get("ofa.attempts", "1")) + 1
+        new_tags = {"ofa.attempts": str(attempt)}
+        if previous.info.status == "RUNNING":
+            # the run directory's lock guarantees no live trainer holds this run, so its last attempt died
+            # without closing it
+            last = max(self._logged_through.values(), default=0)
+            abandoned = [t for t in tags.get("ofa.abandoned_attempts", "").split(",") if t]
+            abandoned.append(f"{attempt - 1}@step{last}")  # attempt number @ the last step it logged
+            new_tags["ofa.abandoned_attempts"] = ",".join(abandoned)
+        self.client.update_run(self.run_id, status="RUNNING")
+        self.set_tags(new_tags)
 
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
@@ -104,7 +170,8 @@ class MlflowRun:
 
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step) for k, v in metrics.items()
-                 if isinstance(v, (int, float)) and not isinstance(v, bool)]
+                 if isinstance(v, (int, float)) and not isinstance(v, bool)
+                 and step > self._logged_through.get(k, -1)]
         for i in range(0, len(items), MAX_METRICS_PER_CALL):
             self.client.log_batch(self.run_id, metrics=items[i:i + MAX_METRICS_PER_CALL])
 

@@ -6,10 +6,11 @@ micro-batch is therefore one *pipeline* micro-batch (gradient_accumulation_steps
 see `pipeline_micro_batches`), and the pipeline module is built with DeepSpeed's dynamic_shape so the two shapes
 can alternate. The step still sees exactly the same examples, in the same forward calls per group, as pp = 1.
 
-Loss: the same normalisation as step.py. The per-group (or global) target-token denominators are computed before
-the step and all-reduced over data-parallel ranks; the last stage's loss function divides each group's token-loss
-sum by its denominator and multiplies by (pipeline micro-batches × dp), which DeepSpeed's backward divides out
-again (it scales by 1/gradient_accumulation_steps and averages gradients over data-parallel ranks).
+Loss: the same normalisation and TokenLoss as step.py. The per-group (or global) target-token denominators are
+computed before the step and all-reduced over data-parallel ranks (objectives/loss.py); the last stage's loss
+function (objectives/step.py `group_loss`) divides each group's token-loss sum by its denominator and multiplies
+by (pipeline micro-batches × dp), which DeepSpeed's backward divides out again (it scales by
+1/gradient_accumulation_steps and averages gradients over data-parallel ranks).
 
 Metrics: only the last stage sees logits. Its tensor-parallel rank 0 records per-task sums in the step's
 TaskAccumulator; the other ranks record nothing, so one all-reduce over the whole world (`reduce_metrics`) gives
@@ -22,11 +23,11 @@ from collections import deque
 from typing import Any, Callable, Optional, Sequence
 
 import torch
-import torch.distributed as dist
 
-from ofa_scale.errors import ConfigError
+from ofa_scale.objectives.step import group_loss
+from ofa_scale.objectives.token_loss import make_token_loss
 from ofa_scale.training.metrics import TaskAccumulator
-from ofa_scale.training.step import LossSettings, MicroBatch, count_targets, global_denominators
+from ofa_scale.training.step import LossSettings, MicroBatch, record_group, step_denominators
 
 
 def pipeline_micro_batches(grad_accum: int, groups_per_micro_batch: int) -> int:
@@ -60,6 +61,7 @@ class PipelineLoss:
     def __init__(self, ctx, settings: LossSettings):
         self.ctx = ctx
         self.settings = settings
+        self.token_loss = make_token_loss(ctx, settings.epsilon, settings.pad)
         self.pending: deque = deque()
         self.acc: Optional[TaskAccumulator] = None
         self.record = ctx.tp_rank == 0  # tp peers compute the same numbers; count them once
@@ -68,43 +70,34 @@ class PipelineLoss:
         self.pending.clear()  # non-last stages never call the loss; drop the previous step's entries
         self.acc = acc
 
-    def expect(self, group_batch: dict, denominator: torch.Tensor, scale: float) -> None:
+    def expect(self, group_batch: dict, denominator: float, scale: float) -> None:
         self.pending.append((group_batch, denominator, scale))
 
     def __call__(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         gb, denom, scale = self.pending.popleft()
-        s = self.settings
-        device = logits.device
-        conf = gb.get("conf")
-        cmask = gb.get("constraint_masks")
-        tl = self.ctx.token_losses(logits, target.to(device), epsilon=s.epsilon, ignore_index=s.pad,
-                                   conf=None if conf is None else conf.to(device, logits.dtype),
-                                   constraint_masks=None if cmask is None else cmask.to(device))
-        part = tl.loss.float().sum() / denom.to(device, torch.float32)
+        part, tl = group_loss(self.token_loss, logits, gb, denom, target=target)
         if self.record and self.acc is not None:
-            self.acc.add(gb["task_ids"], tl.loss, tl.valid, tl.correct, rows=int((gb["task_ids"] >= 0).sum()),
-                         input_tokens=int((gb["src_tokens"] != s.pad).sum()
-                                          + (gb["prev_output_tokens"] != s.pad).sum()))
+            record_group(self.acc, gb, tl, self.settings.pad)
             self.acc.add_objective(float(part.detach()))
         return part * scale
 
 
 def pipeline_item(inputs: dict[str, Any], target: torch.Tensor) -> tuple[tuple, torch.Tensor]:
-    """(first-stage inputs, last-stage labels) in the order parallel/pipeline_layers.embed_lookup unpacks them.
-    Masks travel as int64 so DeepSpeed sends no gradient for them."""
-    if inputs.get("sample_patch_num"):
-        raise ConfigError("objectives.sample_patch_num > 0 samples image patches, which the pipeline stages do not "
-                          "support; set objectives.sample_patch_num=0 or parallel.pp=1")
-    return ((inputs["src_tokens"], inputs["patch_images"], inputs["patch_masks"].long(),
-             inputs["prev_output_tokens"], inputs["code_masks"].long()), target)
+    """(first-stage inputs, last-stage labels); the inputs are parallel/pipeline_layers.pipeline_inputs: masks as
+    int64 (DeepSpeed sends no gradient for them) and patch sampling as an int64 [sample_patch_num, seed] tensor
+    (the embed stage rebuilds this micro-batch's patch generator from the seed, so pp > 1 samples what pp = 1 does)."""
+    from ofa_scale.parallel.pipeline_layers import pipeline_inputs
+
+    return (pipeline_inputs(inputs["src_tokens"], inputs["patch_images"], inputs["patch_masks"],
+                            inputs["prev_output_tokens"], inputs["code_masks"], inputs.get("sample_patch_num"),
+                            inputs.get("patch_generator")), target)
 
 
 def run_pipeline_step(engine, ctx, micro_batches: Sequence[MicroBatch], groups: Sequence[str],
                       to_inputs: Callable[[str, dict, int], dict], settings: LossSettings, acc: TaskAccumulator,
                       loss_fn: PipelineLoss) -> None:
     """One optimizer step: queue every (micro-batch, group) as a pipeline micro-batch, then engine.train_batch."""
-    denom = global_denominators(count_targets(micro_batches, groups, settings.pad), settings.per_group,
-                                ctx.dp_group)
+    denom = step_denominators(ctx, micro_batches, groups, settings)
     items = [(g, m, mb[g]) for m, mb in enumerate(micro_batches) for g in groups if g in mb]
     n = engine.gradient_accumulation_steps()
     if len(items) != n:
@@ -115,11 +108,11 @@ def run_pipeline_step(engine, ctx, micro_batches: Sequence[MicroBatch], groups: 
     data = []
     for g, m, gb in items:
         data.append(pipeline_item(to_inputs(g, gb, m), gb["target"]))
-        loss_fn.expect(gb, denom[groups.index(g)], scale)
+        loss_fn.expect(gb, denom[g], scale)
     engine.train_batch(data_iter=iter(data))
 
 
 def reduce_metrics(acc: TaskAccumulator) -> None:
-    """Sum the last stage's records over the world (the only non-zero contributors: last stage, tp rank 0)."""
-    if dist.is_available() and dist.is_initialized():
-        acc.all_reduce(group=None)
+    """Sum the last stage's records over the world (the only non-zero contributors: last stage, tp rank 0); a
+    no-op without a process group."""
+    acc.all_reduce(group=None)

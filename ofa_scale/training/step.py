@@ -2,8 +2,9 @@
 
 Normalisation (why the loss is identical at any data-parallel size): before the first forward of a step, each rank
 counts the target tokens of all its micro-batches, and one all-reduce over the data-parallel group gives the step's
-global count N (per batch group with `per_group`). Each micro-batch then contributes (token-loss sum) / N. Summed
-over every micro-batch of every rank that is exactly the single-process loss of the whole global batch. DeepSpeed
+global count N (per batch group with `per_group`): objectives/loss.py. Each micro-batch then contributes
+(token-loss sum) / N (objectives/step.py, with the TokenLoss of objectives/token_loss.py). Summed over every
+micro-batch of every rank that is exactly the single-process loss of the whole global batch. DeepSpeed
 divides each backward by gradient_accumulation_steps and averages gradients over data-parallel ranks, so the
 value handed to `engine.backward` is multiplied back by both.
 """
@@ -14,9 +15,11 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from ofa_scale.objectives.loss import Normalization, global_loss_denominators
+from ofa_scale.objectives.step import micro_batch_loss
+from ofa_scale.objectives.token_loss import TokenLosses, make_token_loss
 from ofa_scale.training.metrics import TaskAccumulator
 
 MicroBatch = dict[str, dict[str, Any]]  # group name -> GroupBatch (docs/interfaces.md §4)
@@ -43,24 +46,22 @@ class LossSettings:
     pad: int
     per_group: bool  # OFA-style: each group normalised by its own token count; else one global count
 
-
-def count_targets(micro_batches: Sequence[MicroBatch], groups: Sequence[str], pad: int) -> torch.Tensor:
-    """Target tokens per group over this rank's micro-batches (float64, so the all-reduce is exact)."""
-    counts = torch.zeros(len(groups), dtype=torch.float64)
-    for mb in micro_batches:
-        for i, g in enumerate(groups):
-            if g in mb:
-                counts[i] += float((mb[g]["target"] != pad).sum())
-    return counts
+    @property
+    def normalization(self) -> Normalization:
+        return "per_group" if self.per_group else "global_tokens"
 
 
-def global_denominators(local_counts: torch.Tensor, per_group: bool, dp_group) -> torch.Tensor:
-    counts = local_counts.clone()
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(counts, group=dp_group)
-    if not per_group:
-        counts = counts.sum().expand_as(counts).clone()
-    return counts.clamp(min=1.0)
+def step_denominators(ctx, micro_batches: Sequence[MicroBatch], groups: Sequence[str],
+                      settings: LossSettings) -> dict[str, float]:
+    """{group: denominator} for this step, the same on every rank (objectives/loss.py)."""
+    return global_loss_denominators(micro_batches, groups, settings.normalization, settings.pad, ctx.dp_group)
+
+
+def record_group(acc: TaskAccumulator, group_batch: dict, tl: TokenLosses, pad: int) -> None:
+    """Add one group batch's token losses to the step's per-task sums and counters."""
+    acc.add(group_batch["task_ids"], tl.loss, tl.valid, tl.correct, rows=int((group_batch["task_ids"] >= 0).sum()),
+            input_tokens=int((group_batch["src_tokens"] != pad).sum()
+                             + (group_batch["prev_output_tokens"] != pad).sum()))
 
 
 def run_step(engine, ctx, micro_batches: Sequence[MicroBatch], groups: Sequence[str],
@@ -68,26 +69,14 @@ def run_step(engine, ctx, micro_batches: Sequence[MicroBatch], groups: Sequence[
     """Forward/backward every micro-batch of this rank for one optimizer step; the last engine.step() updates."""
     dp = ctx.dp_size
     gas = len(micro_batches)
-    denom = global_denominators(count_targets(micro_batches, groups, loss.pad), loss.per_group, ctx.dp_group)
+    token_loss = make_token_loss(ctx, loss.epsilon, loss.pad)
+    denom = step_denominators(ctx, micro_batches, groups, loss)
     for m, mb in enumerate(micro_batches):
         present = [g for g in groups if g in mb]
-        inputs = {g: to_inputs(g, mb[g], m) for g in present}
-        logits = engine(inputs)
-        total = None
-        for g in present:
-            gb = mb[g]
-            device = logits[g].device
-            target = gb["target"].to(device)
-            conf = gb.get("conf")
-            cmask = gb.get("constraint_masks")
-            tl = ctx.token_losses(logits[g], target, epsilon=loss.epsilon, ignore_index=loss.pad,
-                                  conf=None if conf is None else conf.to(device, logits[g].dtype),
-                                  constraint_masks=None if cmask is None else cmask.to(device))
-            part = tl.loss.float().sum() / denom[groups.index(g)].to(device, torch.float32)
-            total = part if total is None else total + part
-            acc.add(gb["task_ids"], tl.loss, tl.valid, tl.correct, rows=int((gb["task_ids"] >= 0).sum()),
-                    input_tokens=int((gb["src_tokens"] != loss.pad).sum()
-                                     + (gb["prev_output_tokens"] != loss.pad).sum()))
+        logits = engine({g: to_inputs(g, mb[g], m) for g in present})
+        total, token_losses = micro_batch_loss(token_loss, logits, mb, denom)
+        for g, tl in token_losses.items():
+            record_group(acc, mb[g], tl, loss.pad)
         acc.add_objective(float(total.detach()))
         engine.backward(total * (gas * dp))
         engine.step()

@@ -56,10 +56,12 @@ class OFAPretraining:
         if self.cfg.model.pretrained:
             load_pretrained_weights(model, self.cfg.model.pretrained, self.model_config, ctx)
 
-    def set_activation_checkpointing(self, model: torch.nn.Module, enabled: bool) -> None:
-        """Recompute every encoder and decoder layer in backward instead of storing its activations."""
-        if enabled:
-            apply_activation_checkpointing(model)
+    def pipeline_shapes(self) -> dict:
+        """What the pipeline builder balances stages for: the image-text group's shapes. With two groups (vl, aux)
+        micro-batches differ in shape, so every send carries its shape (DeepSpeed's dynamic_shape)."""
+        vl = self.cfg.objectives.vl
+        return dict(seed=self.cfg.train.seed, image_size=vl.image_size, src_len=vl.source_length,
+                    tgt_len=vl.target_length, dynamic_shape=len(self.composition().group_sizes()) > 1)
 
     # ---- data ----------------------------------------------------------------------------------------------
     def composition(self):
@@ -81,7 +83,8 @@ class OFAPretraining:
         return LoaderConfig(root=cfg.data.root, composition=counts, num_streams=cfg.micro_batches_per_step(),
                             seed=cfg.train.seed, mode="resampled", shuffle_buffer=cfg.data.shuffle_buffer,
                             num_workers=cfg.data.num_workers, prefetch_factor=cfg.data.prefetch_factor,
-                            decode_min_size=decode, on_corrupt=cfg.data.on_corrupt)
+                            decode_min_size=decode, on_corrupt=cfg.data.on_corrupt,
+                            verify_shards=cfg.data.verify_shards)
 
     def build_loader(self, dp_rank: int, dp_size: int):
         from ofa_scale.data.loader import ShardLoader
@@ -171,38 +174,6 @@ def load_pretrained_weights(model: torch.nn.Module, path: str, model_config, ctx
         for name, buf in model.named_buffers():
             if name in state and state[name].shape == buf.shape and buf.dtype == state[name].dtype:
                 buf.copy_(state[name])
-
-
-def apply_activation_checkpointing(model: torch.nn.Module) -> int:
-    """Wrap the forward of each transformer layer in non-reentrant torch checkpointing; returns how many.
-
-    The instance's `forward` is replaced (not the module), so parameter names and state dicts are unchanged and
-    module hooks (ZeRO-3's gathers) still run around the call and again inside the recomputation.
-    """
-    import functools
-
-    from torch.utils.checkpoint import checkpoint
-
-    count = 0
-    for stack in (getattr(model, "encoder", None), getattr(model, "decoder", None)):
-        for layer in getattr(stack, "layers", []) or []:
-            if getattr(layer, "_ofa_checkpointed", False):
-                continue
-            inner = layer.forward
-
-            @functools.wraps(inner)
-            def forward(*args, _inner=inner, **kwargs):
-                if not torch.is_grad_enabled():
-                    return _inner(*args, **kwargs)
-                return checkpoint(_inner, *args, use_reentrant=False, **kwargs)
-
-            layer.forward = forward
-            layer._ofa_checkpointed = True
-            count += 1
-    if count == 0:
-        raise ConfigError("parallel.activation_checkpointing found no encoder/decoder layers to checkpoint in this "
-                          "model; set it to false")
-    return count
 
 
 def _mix(*parts: int) -> int:

@@ -8,6 +8,7 @@ endings, a missing final newline, a very large (but valid) image and a category 
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import struct
@@ -19,6 +20,13 @@ import numpy as np
 from PIL import Image
 
 from ofa_scale.data import tsv_formats as F
+
+
+def output_digest(out: str | Path) -> dict[str, str]:
+    """Every file a consumer of a conversion reads (shards, indexes, rejects), by path -> sha256."""
+    files = sorted(p for p in Path(out).rglob("*") if p.is_file() and ".parts" not in p.parts
+                   and not p.name.startswith(".") and p.name != "manifest.json")
+    return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
 def _b64(data: bytes) -> str:

@@ -19,7 +19,7 @@ from ofa_scale.data.convert import convert
 from ofa_scale.data.sample_corpus import write_sample_corpus
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bad_inputs import flat_jpeg, jpeg  # noqa: E402
+from bad_inputs import flat_jpeg, jpeg, output_digest  # noqa: E402
 
 KEY = re.compile(r"^\d{9}-[A-Za-z0-9_-]{0,64}$")
 SMALL_CHUNK_MB = 0.25  # several chunks per file, so parallelism and resume have something to split
@@ -44,10 +44,7 @@ def _read_tar(path):
 
 
 def _digest(out):
-    """Every file a consumer reads (shards, indexes, rejects), by path -> sha256."""
-    files = sorted(p for p in Path(out).rglob("*") if p.is_file() and ".parts" not in p.parts
-                   and not p.name.startswith(".") and p.name != "manifest.json")
-    return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+    return output_digest(out)
 
 
 @pytest.fixture(scope="module")

@@ -48,7 +48,7 @@ def test_epoch_coverage_two_ranks_two_workers(tmp_path):
         lo = ShardLoader(cfg, rank=rank, world_size=2)
         assert lo.streams_per_rank == 2 and lo.num_workers == 2 and lo.steps_per_epoch == 3
         per_rank.append([keys_of(b) for b in lo])
-        assert lo.stats()["vl"]["dropped_epoch_remainder"] == 0
+        assert lo.stats()["data/vl/dropped_epoch_remainder"] == 0
     assert len(per_rank[0]) == len(per_rank[1]) == 2 * 3 * 2  # epochs x steps x micro-batches per step
     epochs = [[], []]
     for batches in per_rank:
@@ -71,8 +71,8 @@ def test_uneven_epoch_drops_and_counts_the_remainder_on_every_rank_alike(tmp_pat
         counts.append(len(batches))
         for b in batches:
             seen.update(keys_of(b))
-        for source, st in lo.stats().items():
-            dropped[source] += st["dropped_epoch_remainder"]
+        for source in ("vl", "text"):
+            dropped[source] += lo.stats()[f"data/{source}/dropped_epoch_remainder"]
     assert counts == [2, 2]
     assert max(seen.values()) == 1
     assert sum(1 for k in seen if "-vl_" in k) + dropped["vl"] == len(keys["vl"])
@@ -216,14 +216,14 @@ def test_truncated_shard_is_skipped_counted_and_refilled(tmp_path):
     lo = ShardLoader(cfg)
     batches = [keys_of(b) for b in lo]
     assert len(batches) == 6  # every stream still yields its nominal length
-    st = lo.stats()["vl"]
-    assert st["skipped_shards"] >= 1 and st["refilled"] > 0
+    st = lo.stats()
+    assert st["data/vl/corrupt_shards"] == st["data/corrupt_shards"] == 1 and st["data/refilled"] > 0
     readable = set(keys[:6])
     seen = [k for b in batches for k in b]
     assert readable <= set(seen)
     assert set(seen) < set(keys)
     for workers in (0, 2):
-        with pytest.raises(UserError, match="on_corrupt=skip") as err:
+        with pytest.raises(UserError, match="data.on_corrupt=skip") as err:
             list(ShardLoader(LoaderConfig(**{**cfg.__dict__, "on_corrupt": "fail", "num_workers": workers})))
         assert "\n" not in str(err.value)  # one line, even from a worker process
 
@@ -242,7 +242,7 @@ def test_undecodable_image_is_counted(tmp_path):
                        shuffle_buffer=0)
     lo = ShardLoader(cfg)
     seen = [k for b in lo for k in keys_of(b)]
-    assert lo.stats()["vl"]["decode_errors"] >= 1
+    assert lo.stats()["data/vl/skipped_samples"] == lo.stats()["data/skipped_samples"] == 1
     assert good[1]["__key__"] not in seen and len(seen) == 4
 
 
@@ -270,7 +270,7 @@ def test_user_errors(mixed_root, tmp_path):
         ShardLoader(LoaderConfig(root=str(root), composition={"image": 1}))
     with pytest.raises(UserError, match="fewer than one global batch"):
         ShardLoader(LoaderConfig(root=str(root), composition={"detection": 4}, num_streams=4, mode="epochs"))
-    with pytest.raises(UserError, match="fewer than loader.num_streams"):
+    with pytest.raises(UserError, match="fewer than the 16 canonical streams"):
         ShardLoader(LoaderConfig(root=str(root), composition={"detection": 1}, num_streams=16))
     state = ShardLoader(cfg).state_dict()
     with pytest.raises(UserError, match="seed"):
@@ -290,7 +290,7 @@ def test_resume_through_refill_rounds_and_reiteration(tmp_path):
     cfg = LoaderConfig(root=str(tmp_path), composition={"vl": 3}, num_streams=2, shuffle_buffer=4, seed=9)
     straight = ShardLoader(cfg)
     expected = [keys_of(b) for _, b in zip(range(14), straight)]
-    assert straight.stats()["vl"]["refilled"] > 0
+    assert straight.stats()["data/vl/refilled"] > 0
     first = ShardLoader(cfg)
     got = [keys_of(b) for _, b in zip(range(5), first)]
     got += [keys_of(b) for _, b in zip(range(4), first)]  # iterating again continues where it stopped

@@ -25,7 +25,7 @@ def test_one_epoch_reads_every_converted_sample_once(converted):
     root, manifest = converted
     cfg = LoaderConfig(root=str(root), composition={"vl": 8, "text": 2, "image": 1, "detection": 1},
                        num_streams=2, mode="epochs", epochs=1, num_workers=2, shuffle_buffer=4,
-                       decode_min_size={"vl": 48, "detection": 48})
+                       decode_min_size={"vl": 48, "detection": 48}, verify_shards=True, on_corrupt="fail")
     loaders = [ShardLoader(cfg, rank=r, world_size=2) for r in range(2)]
     seen: dict[str, list[str]] = {}
     for lo in loaders:
@@ -43,6 +43,6 @@ def test_one_epoch_reads_every_converted_sample_once(converted):
                         assert 0 <= x0 < x1 <= info["width"] + 0.5 and 0 <= y0 < y1 <= info["height"] + 0.5
     for source, info in manifest["sources"].items():
         assert len(seen[source]) == len(set(seen[source])) == info["samples_written"], source
-    assert all(lo.stats()[s]["dropped_epoch_remainder"] == 0 for lo in loaders for s in seen)
+    assert all(lo.stats()[f"data/{s}/dropped_epoch_remainder"] == 0 for lo in loaders for s in seen)
     state = json.loads(json.dumps(loaders[0].state_dict()))
     assert state["streams"]["0"]["step"] == loaders[0].total_steps == 3

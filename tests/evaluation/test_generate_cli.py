@@ -124,6 +124,11 @@ def test_generate_user_errors(tmp_path, shards, capsys):
     (tmp_path / "m").mkdir()
     assert main(["generate", "--checkpoint", str(tmp_path / "m"), "--data", str(shards), "--out",
                  str(tmp_path / "o")]) == 2
+    assert "is neither an ofa-scale model directory (no config.json) nor an ofa-train run directory" \
+        in capsys.readouterr().err
+    (tmp_path / "m" / "config.json").write_text("{}")
+    assert main(["generate", "--checkpoint", str(tmp_path / "m"), "--data", str(shards), "--out",
+                 str(tmp_path / "o")]) == 2
     assert "--tokenizer-path" in capsys.readouterr().err
     assert main(["generate", "--checkpoint", str(tmp_path / "m"), "--data", str(shards), "--tasks", "caption,ocr",
                  "--out", str(tmp_path / "o")]) == 2

@@ -221,3 +221,29 @@ def test_missing_and_corrupt_files_are_user_errors(tmp_path):
     bad.write_bytes(b"not a checkpoint at all")
     with pytest.raises(UserError):
         safe_torch_load(bad)
+
+
+@pytest.mark.parametrize("kind", ["random", "pickle", "zip", "empty", "text"])
+def test_a_file_that_is_not_a_checkpoint_is_named_without_torchs_weights_only_advice(tmp_path, kind):
+    import random
+    import zipfile
+
+    path = tmp_path / f"{kind}.pt"
+    if kind == "random":
+        path.write_bytes(random.Random(0).randbytes(4096))
+    elif kind == "pickle":
+        path.write_bytes(pickle.dumps({"model": {"w": [1.0, 2.0]}}))  # a pickle, but not torch.save's format
+    elif kind == "zip":
+        with zipfile.ZipFile(path, "w") as archive:
+            archive.writestr("notes.txt", "hello")
+    elif kind == "empty":
+        path.write_bytes(b"")
+    else:
+        path.write_text("model: ofa_base\n")
+    with pytest.raises(UserError) as err:
+        safe_torch_load(path)
+    message = str(err.value)
+    expected = {"zip": "is a zip archive but not a torch checkpoint (no data.pkl inside)",
+                "empty": "is empty, not a torch checkpoint"}.get(
+        kind, "is not a torch checkpoint: it is neither a zip archive (what torch.save writes) nor a legacy torch file")
+    assert expected in message and "weights_only" not in message

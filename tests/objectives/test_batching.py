@@ -7,7 +7,7 @@ from PIL import Image
 from ofa_scale.errors import ConfigError
 from ofa_scale.objectives import (TASK_ID, TASKS, Collator, Composition, ExampleBuilder, ObjectivesConfig,
                                   group_names, to_model_inputs)
-from ofa_scale.objectives.batching import constraint_mask, loss_inputs
+from ofa_scale.objectives.batching import DUMMY_PIXEL, constraint_mask, loss_inputs
 
 
 def test_composition_defaults_reproduce_ofa():
@@ -58,7 +58,7 @@ def test_collate_fixed_shapes_padding_truncation_and_stats():
     assert (vl["target"][2:] == 1).all() and vl["conf"][1].item() == 0.5
     assert aux["task_ids"].tolist() == [TASK_ID["text_infill"], TASK_ID["image_infill"], -1, -1]
     assert aux["code_masks"].tolist() == [False, True, False, False] and aux["patch_masks"].tolist() == [False, True, False, False]
-    assert (aux["patch_images"][0] == 0).all() and aux["target"][0, -1].item() == 7  # truncated target
+    assert (aux["patch_images"][0] == DUMMY_PIXEL).all() and aux["target"][0, -1].item() == 7  # truncated target
     assert vl["sample_patch_num"] == 1 and aux["sample_patch_num"] == 0  # round(196·(32/384)²)=1
     assert batch["stats"]["vl"] == {"examples": 2, "padding_rows": 14, "source_truncated": 1, "target_truncated": 0,
                                     "target_tokens": 7}
@@ -103,6 +103,42 @@ def test_to_model_inputs_normalises_on_device():
     assert abs(kw["patch_images"][0, 0, 1, 0].item()) < 0.5 / 255 * 2 + 1e-7  # the grey infill hole ≈ 0
     assert to_model_inputs(g, "cpu", torch.bfloat16)["patch_images"].dtype == torch.bfloat16
     assert set(loss_inputs(g, "cpu")) == {"target", "conf", "task_ids"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_without_an_image_are_exactly_zero_after_normalisation(dtype):
+    """OFA's dummy image is a zero tensor after normalisation (grey), not black (−1): text-only and padding rows
+    reach the ResNet's train-mode BatchNorm, so their pixels shift its batch statistics."""
+    cfg = small_cfg()
+    batch = Collator(cfg, Composition.from_config(cfg, 8))(
+        [ex("caption", 4, 3, 32), ex("text_infill", 6, 4), ex("image_infill", 5, 4, 32, code=True)])
+    kw = to_model_inputs(batch["aux"], "cpu", dtype)
+    aux = kw["patch_images"]
+    assert aux.dtype == dtype and batch["aux"]["patch_masks"].tolist() == [False, True, False, False]
+    # text-only row 0 and padding rows 2, 3: +0.0 bit for bit; the real image (200) is normalised as before.
+    for row in (0, 2, 3):
+        assert torch.equal(aux[row], torch.zeros_like(aux[row])) and not torch.signbit(aux[row]).any()
+    assert torch.equal(aux[1], torch.full_like(aux[1], (200 / 255 - 0.5) / 0.5))
+    vl = to_model_inputs(batch["vl"], "cpu", dtype)["patch_images"]
+    assert (vl[1:] == 0).all() and (vl[0] != 0).all()  # padding rows of the image-text group too
+    # BatchNorm in train mode sees the same batch statistics as with OFA's float zero dummy images.
+    bn = torch.nn.BatchNorm2d(3)
+    ofa = torch.zeros(4, 3, 32, 32)
+    ofa[1] = (200 / 255 - 0.5) / 0.5
+    assert torch.allclose(bn.train()(aux.float()), bn.train()(ofa))
+
+
+def test_patch_mask_must_match_image_presence():
+    cfg = small_cfg()
+    coll = Collator(cfg, Composition.from_config(cfg, 8))
+    no_image = ex("caption", 4, 3)
+    no_image["patch_mask"] = True
+    with pytest.raises(ValueError, match="patch_mask must be True exactly when there is an image"):
+        coll([no_image])
+    unmasked = ex("caption", 4, 3, 32)
+    unmasked["patch_mask"] = False
+    with pytest.raises(ValueError, match="patch_mask=False but an image"):
+        coll([unmasked])
 
 
 def test_composition_ratios_and_shapes_over_many_batches(tok, neg_dir):

@@ -4,8 +4,8 @@ import pytest
 import torch
 from PIL import Image
 
-from ofa_scale.objectives import (Collator, Composition, ObjectivesConfig, default_denominators,
-                                  label_smoothed_cross_entropy, micro_batch_loss)
+from ofa_scale.objectives import (Collator, Composition, ObjectivesConfig, SingleProcessTokenLoss,
+                                  global_loss_denominators, group_names, micro_batch_loss, to_model_inputs)
 from ofa_scale.objectives.augment import OPS, apply_op, random_augment
 
 
@@ -32,30 +32,34 @@ def example(task, size, seed):
             "patch_mask": True, "code_mask": False, "image": torch.randint(0, 256, (3, size, size), generator=g, dtype=torch.uint8)}
 
 
-def test_micro_batch_loss_wires_groups_to_model_and_loss():
+def test_micro_batch_loss_wires_collated_groups_to_model_and_loss():
     cfg = ObjectivesConfig(mix={"vl": 1, "text": 0, "image": 0, "detection": 1}, tasks=["caption", "itm", "detection"])
     cfg.vl.image_size, cfg.aux.image_size, cfg.vl.target_length, cfg.aux.target_length = 32, 16, 6, 6
     batch = Collator(cfg, Composition.from_config(cfg, 1))([example("caption", 32, 1), example("itm", 32, 2),
                                                              example("detection", 16, 3)])
     model = TinyModel()
-    cfg.loss_normalization = "global_tokens"
-    den = default_denominators(batch, cfg)
-    assert den == {"vl": 12.0, "aux": 12.0}  # 4 + 4 + 4 target tokens, global normalisation
-    loss, outs = micro_batch_loss(model, batch, cfg, den, "cpu")
+    groups = group_names(batch)
+    assert global_loss_denominators([batch], groups, "global_tokens", 1) == {"vl": 12.0, "aux": 12.0}  # 4 + 4 + 4
+    assert global_loss_denominators([batch], groups, "per_group", 1) == {"vl": 8.0, "aux": 4.0}
+    den = global_loss_denominators([batch], groups, "global_tokens", 1)
+    loss = SingleProcessTokenLoss(0.1, 1)
+    logits = {g: model(**to_model_inputs(batch[g], "cpu", torch.float32)) for g in groups}
+    total, token_losses = micro_batch_loss(loss, logits, batch, den)
     assert [c["images"].shape[-1] for c in model.calls] == [32, 16]
     assert all(c["images"].min() >= -1 and c["images"].max() <= 1 for c in model.calls)
     assert model.calls[0]["spn"] == 1 and model.calls[1]["spn"] is None  # round(196·(32/384)²) = 1
     with torch.no_grad():
         ref = 0.0
-        for g in ("vl", "aux"):
-            logits = model(**{k: (v if k != "patch_images" else (v.float() / 255 - 0.5) / 0.5) for k, v in batch[g].items()
-                              if k in ("src_tokens", "patch_images", "patch_masks", "prev_output_tokens", "code_masks")})
-            ref += label_smoothed_cross_entropy(logits, batch[g]["target"], conf=batch[g]["conf"]).loss.item()
-    assert loss.item() == pytest.approx(ref / 12, rel=1e-6)
-    loss.backward()
+        for g in ("vl", "aux"):  # the conf weights of the collated batch reach the loss (detection: 2)
+            lp = torch.log_softmax(logits[g].double(), -1) * batch[g]["conf"].double().view(-1, 1, 1)
+            valid = batch[g]["target"] != 1
+            nll = -lp.gather(-1, batch[g]["target"].unsqueeze(-1)).squeeze(-1)
+            eps_i = 0.1 / (16 - 1)
+            ref += ((1 - 0.1 - eps_i) * nll - eps_i * lp.sum(-1))[valid].sum().item()
+            assert torch.equal(token_losses[g].valid, valid)
+    assert total.item() == pytest.approx(ref / 12, rel=1e-5)
+    total.backward()
     assert model.out.weight.grad.abs().sum() > 0
-    cfg.loss_normalization = "per_group"
-    assert default_denominators(batch, cfg) == {"vl": 8.0, "aux": 4.0}
 
 
 def test_each_augment_op_keeps_size_and_fills_grey():

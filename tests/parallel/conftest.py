@@ -18,13 +18,13 @@ def layout_runs(tmp_path_factory):
         if spec.get("save_at"):
             params["save_dir"] = str(root / f"{name}-step{SAVE_AT}")
         if spec.get("export"):
-            params["export"] = str(root / f"{name}-final.safetensors")
+            params["export"] = str(root / f"{name}-final")  # a canonical checkpoint directory
         runs[name] = {"ranks": launch("train", world, root / name, **params), "params": params}
     for name, (source, spec) in RESUMES.items():
         spec = dict(spec)
         world = spec.pop("world")
         params = dict(resume=runs[source]["params"]["save_dir"], steps=STEPS - SAVE_AT,
-                      export_at_start=str(root / f"{name.replace('>', '')}-start.safetensors"), **spec)
+                      export_at_start=str(root / f"{name.replace('>', '')}-start"), **spec)
         runs[name] = {"ranks": launch("train", world, root / name.replace(">", ""), **params), "params": params}
     runs["root"] = root
     return runs

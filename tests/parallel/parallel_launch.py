@@ -49,19 +49,22 @@ def launch(scenario: str, world: int, out_dir: Path, timeout: float = 300, **par
 
 
 # The layouts of issue 5 §4, trained 10 steps each from the same canonical initial weights, plus the
-# cross-layout resumes of §5. Shared by test_equivalence.py and test_planner.py (launched once per session:
+# cross-layout resumes of §5 (from the per-rank layout-free checkpoints of issue 8 §4). Shared by
+# test_equivalence.py and test_planner.py (launched once per session:
 # a 4-process run of even a tiny OFA takes ~40 s on 2 cores).
 LAYOUTS = {
     "ref": dict(world=1, save_at=5, export=True),
     "tp2": dict(world=2, tp=2, ckpt=True),
     "pp2": dict(world=2, pp=2, partition="parameters"),
     "tp2pp2": dict(world=4, tp=2, pp=2, ckpt=True, save_at=5, export=True),
-    "tp2dp2z3": dict(world=4, tp=2, zero=3),
+    "tp2dp2z3": dict(world=4, tp=2, zero=3, save_at=5),
+    "dp2z3": dict(world=2, zero=3, partition_all=True),  # every parameter partitioned: the model is ZeRO-3-clean
     "pp2dp2z1": dict(world=4, pp=2, zero=1, partition="explicit", stage_layers=[5, 2]),  # decoder-side cut
 }
 RESUMES = {  # name: (checkpoint of run, layout)
     "tp2pp2->tp1": ("tp2pp2", dict(world=1)),
     "tp1->tp2pp2": ("ref", dict(world=4, tp=2, pp=2)),
+    "tp2dp2z3->tp1": ("tp2dp2z3", dict(world=1)),  # ZeRO-3 partitions over dp=2 (and tp=2) into one process
 }
 STEPS = 10
 SAVE_AT = 5

@@ -65,9 +65,20 @@ def token_mean_loss(ctx, logits, batch):
     return out.loss.sum() / out.valid.sum()
 
 
-def pipeline_item(batch):
-    inputs = (batch["src_tokens"], batch["patch_images"], batch["patch_masks"].long(),
-              batch["prev_output_tokens"], batch["code_masks"].long())
+def patch_sampling(p: dict, step: int, index: int) -> dict:
+    """OFA's patch sampling for micro-batch `index` of `step` when the scenario asks for it (param "spn"): the
+    model kwargs, with a generator seeded per micro-batch as the trainer does."""
+    if not p.get("spn"):
+        return {}
+    generator = torch.Generator().manual_seed(10_000 + 1000 * step + index)
+    return dict(sample_patch_num=p["spn"], patch_generator=generator)
+
+
+def pipeline_item(batch, sampling: dict):
+    from ofa_scale.parallel.pipeline_layers import pipeline_inputs
+
+    inputs = pipeline_inputs(batch["src_tokens"], batch["patch_images"], batch["patch_masks"],
+                             batch["prev_output_tokens"], batch["code_masks"], **sampling)
     labels = (batch["target"], batch["conf"], batch["constraint_masks"])
     return inputs, labels
 
@@ -87,7 +98,7 @@ def freeze_batchnorm_stats(model):
             m.eval()
 
 
-def ds_config(layout, gas: int) -> dict:
+def ds_config(layout, gas: int, partition_all: bool = False) -> dict:
     cfg = {
         "train_micro_batch_size_per_gpu": MICRO,
         "gradient_accumulation_steps": gas,
@@ -97,6 +108,9 @@ def ds_config(layout, gas: int) -> dict:
         "zero_optimization": {"stage": layout.zero_stage},
         "steps_per_print": 10**9,
     }
+    if partition_all:  # ZeRO-3 keeps parameters under this size whole on every rank by default; partition all
+        cfg["zero_optimization"].update(stage3_param_persistence_threshold=0, stage3_max_live_parameters=0,
+                                        stage3_prefetch_bucket_size=0)
     if layout.pp > 1:
         from ofa_scale.parallel.pipeline import pipeline_ds_config
 
@@ -117,6 +131,7 @@ def scenario_train(out: Path, p: dict) -> dict:
 
     from ofa_scale.model import OFAModel
     from ofa_scale.parallel import canonical
+    from ofa_scale.parallel.canonical_store import MODEL, CanonicalReader
     from ofa_scale.parallel.context import setup_parallel
     from ofa_scale.parallel.layout import ParallelConfig, validate_layout
 
@@ -136,39 +151,45 @@ def scenario_train(out: Path, p: dict) -> dict:
 
     torch.manual_seed(0)
     model = ctx.build_model(cfg, OFAModel, loss_fn=loss_fn, image_size=IMAGE, src_len=SRC, tgt_len=TGT)
+    if layout.activation_checkpointing and layout.pp == 1:  # pipelines checkpoint their own layers
+        from ofa_scale.training.prepare import apply_activation_checkpointing
+
+        apply_activation_checkpointing(model)
     freeze_batchnorm_stats(model)
     start_step = 0
+    source = CanonicalReader(p.get("resume") or p["init"]) if p.get("resume") or p.get("init") else None
     if p.get("resume"):
-        weights, moments, meta = canonical.read_canonical(p["resume"])
-        start_step = meta["extra"]["step"]
-    else:
-        weights = canonical.read_canonical(p["init"])[0] if p.get("init") else None
-    if weights is not None:
-        canonical.load_model_weights(ctx, model, weights)
+        start_step = source.meta["extra"]["step"]
+    if source is not None:  # this rank's slices only
+        canonical.load_model_weights(ctx, model, source.view(MODEL))
     local_numel = sum(t.numel() for _, t in canonical.named_parameters(model))
     replicated = {n: t.detach().clone() for n, t in canonical.named_parameters(model) if n not in ctx.split_params}
 
-    engine, *_ = deepspeed.initialize(model=model, config=ds_config(layout, gas),
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config(layout, gas, p.get("partition_all", False)),
                                       model_parameters=[q for q in model.parameters() if q.requires_grad],
                                       mpu=ctx.mpu if layout.pp == 1 else None)
     if p.get("resume"):
-        canonical.load_optimizer_state(ctx, engine, moments, meta["optimizer_step"])
-    if p.get("export_at_start"):  # round trip: what was just scattered over the layout, gathered back
-        _export(ctx, engine, shapes, p["export_at_start"])
+        canonical.load_optimizer_state(ctx, engine, source, source.meta["optimizer_step"])
+    if p.get("ds_load"):  # DeepSpeed's own checkpoint of the same layout
+        _, client = engine.load_checkpoint(p["ds_load"], tag="saved")
+        start_step = client["step"]
+    result = {}
+    if p.get("export_at_start"):  # round trip: what was just scattered over the layout, saved back
+        result["export_at_start"] = canonical.save_canonical(ctx, engine, p["export_at_start"], shapes)
 
     losses, norms = [], []
     for step in range(start_step, start_step + p["steps"]):
-        mine = [micro_batch(step, i) for i in range(GLOBAL_MICRO_BATCHES)]
-        mine = mine[ctx.dp_rank * gas:(ctx.dp_rank + 1) * gas]
+        indices = list(range(GLOBAL_MICRO_BATCHES))[ctx.dp_rank * gas:(ctx.dp_rank + 1) * gas]
+        mine = [(micro_batch(step, i), patch_sampling(p, step, i)) for i in indices]
         if layout.pp > 1:
-            loss = engine.train_batch(data_iter=iter([pipeline_item(b) for b in mine]))
+            loss = engine.train_batch(data_iter=iter([pipeline_item(b, s) for b, s in mine]))
             loss = float(loss)
         else:
             total = torch.zeros(())
-            for b in mine:
+            for b, sampling in mine:
                 logits = engine(src_tokens=b["src_tokens"], patch_images=b["patch_images"],
                                 patch_masks=b["patch_masks"], prev_output_tokens=b["prev_output_tokens"],
-                                code_masks=b["code_masks"])
+                                code_masks=b["code_masks"], **sampling)
                 loss = token_mean_loss(ctx, logits, b)
                 engine.backward(loss)
                 engine.step()
@@ -181,31 +202,23 @@ def scenario_train(out: Path, p: dict) -> dict:
         norm = engine.get_global_grad_norm()  # None without ZeRO in fp32 (DeepSpeed does not record it)
         norms.append(float(norm) if norm is not None else float("nan"))
         if p.get("save_at") == step + 1:
-            canonical.save_canonical(ctx, engine, p["save_dir"], shapes, extra={"step": step + 1}, model_config=cfg)
+            result["save"] = canonical.save_canonical(ctx, engine, p["save_dir"], shapes, extra={"step": step + 1},
+                                                      model_config=cfg)
+        if p.get("ds_save_at") == step + 1:
+            engine.save_checkpoint(p["ds_save_dir"], tag="saved", client_state={"step": step + 1})
 
-    result = {"losses": losses, "grad_norms": norms, "local_params": local_numel, "mpu": _mpu_answers(ctx),
-              "tp_rank": ctx.tp_rank, "pp_rank": ctx.pp_rank, "dp_rank": ctx.dp_rank,
-              "stage_blocks": getattr(engine.module, "stage_blocks", None),
-              "optimizer_numel": _optimizer_numel(engine), "zero3_partition": _zero3_partition(engine)}
-    # replicated parameters must stay identical across TP ranks: report a checksum of their final values
-    final = {n: t for n, t in canonical.named_parameters(engine) if n in replicated}
-    if layout.zero_stage == 3:
-        vals = canonical._local_values(engine, None)
-        final = {n: vals[n] for n in replicated}
+    result.update({"losses": losses, "grad_norms": norms, "local_params": local_numel, "mpu": _mpu_answers(ctx),
+                   "tp_rank": ctx.tp_rank, "pp_rank": ctx.pp_rank, "dp_rank": ctx.dp_rank,
+                   "stage_blocks": getattr(engine.module, "stage_blocks", None),
+                   "optimizer_numel": _optimizer_numel(engine), "zero3_partition": _zero3_partition(engine),
+                   "bytes_read": source.bytes_read if source is not None else 0})  # this rank's checkpoint reads
+    # replicated parameters must stay identical across TP ranks: report a checksum of their final values (fp32
+    # masters: under ZeRO-3 the module's own tensors are partitions; the fetch is collective over dp)
+    final = {n: canonical.fp32_value(t) for n, t in canonical.named_parameters(engine) if n in replicated}
     result["replicated_checksum"] = {n: float(t.double().abs().sum()) for n, t in final.items()}
     if p.get("export"):
-        _export(ctx, engine, shapes, p["export"])
+        canonical.save_canonical(ctx, engine, p["export"], shapes)
     return result
-
-
-def _export(ctx, engine, shapes, path):
-    from safetensors.torch import save_file
-
-    from ofa_scale.parallel import canonical
-
-    full = canonical.gather_full(ctx, engine, shapes)
-    if full is not None:
-        save_file({k: v.contiguous() for k, v in full.items()}, path)
 
 
 def _mpu_answers(ctx) -> dict:
@@ -236,20 +249,12 @@ def _zero3_partition(engine) -> int:
 
 def scenario_write_init(out: Path, p: dict) -> dict:
     """Single process: the seeded tiny model's weights as a canonical checkpoint (the shared starting point)."""
-    from safetensors.torch import save as st_save
-
     from ofa_scale.model import OFAModel
-    from ofa_scale.utils.io import atomic_write_bytes, atomic_write_json
-    from ofa_scale.parallel.canonical import FORMAT_VERSION
+    from ofa_scale.parallel.canonical_store import write_full
 
     torch.manual_seed(0)
     model = OFAModel(tiny_config())
-    d = Path(p["dir"])
-    d.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(d / "model.safetensors",
-                       st_save({n: t.detach().contiguous() for n, t in model.named_parameters()}))
-    atomic_write_json(d / "canonical.json", {"format_version": FORMAT_VERSION, "optimizer_step": 0,
-                                              "layout": None, "extra": {"step": 0}})
+    write_full(p["dir"], {n: t.detach() for n, t in model.named_parameters()}, meta={"extra": {"step": 0}})
     return {"params": sum(t.numel() for t in model.parameters())}
 
 

@@ -4,7 +4,7 @@ gradients are unchanged, and wrapping twice (ours, then the trainer's) does not 
 import torch
 
 from ofa_scale.model import OFAModel
-from ofa_scale.parallel.context import checkpoint_layers
+from ofa_scale.training.prepare import apply_activation_checkpointing as checkpoint_layers
 from parallel_workers import micro_batch, tiny_config
 
 

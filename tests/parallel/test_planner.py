@@ -2,17 +2,20 @@
 
 import itertools
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
 
+from ofa_scale.errors import ConfigError
 from ofa_scale.model import OFAModel
 from ofa_scale.model.config import OFAConfig
 from ofa_scale.model.flops import step_flops
 from ofa_scale.parallel import planner
-from ofa_scale.parallel.planner import (ARCHS, Hardware, Workload, arch_from_model_config, balanced_split,
-                                        enumerate_plans, forward_flops, rank_memory, total_params)
+from ofa_scale.parallel.planner import ARCHS, Hardware, Workload, enumerate_plans, rank_memory, total_params
 from ofa_scale.parallel.planner_cli import main
+from ofa_scale.parallel.stage_balance import balanced_split, block_costs, forward_flops
 
 # spec §4.1, "verified param counts"
 SPEC_PARAMS = {"ofa_tiny": 33_488_336, "ofa_medium": 92_892_000, "ofa_base": 182_238_536,
@@ -29,22 +32,62 @@ def test_parameter_count_of_a_custom_size_matches_the_built_model():
                     resnet="resnet101", max_source_positions=100, max_target_positions=50)
     with torch.device("meta"):
         model = OFAModel(cfg)
-    assert total_params(arch_from_model_config(cfg)) == sum(p.numel() for p in model.parameters())
+    assert total_params(cfg) == sum(p.numel() for p in model.parameters())
 
 
 @pytest.mark.parametrize("arch,image,src,tgt", [("ofa_tiny", 256, 40, 20), ("ofa_huge", 480, 128, 64),
                                                   ("ofa_base", 384, 80, 30)])
-def test_forward_flops_equal_the_model_flop_count(arch, image, src, tgt):
+def test_per_block_flops_add_up_to_the_model_flop_count(arch, image, src, tgt):
     cfg = OFAConfig.preset(arch)
-    a = arch_from_model_config(cfg)
-    assert forward_flops(a, Workload(1, image, src, tgt)).total(a) == step_flops(cfg, 1, src, tgt, image).forward
+    assert forward_flops(cfg, image, src, tgt).total(cfg) == step_flops(cfg, 1, src, tgt, image).forward
 
 
 def test_flop_balance_reflects_ofa_costs():
-    a, w = ARCHS["ofa_base"], Workload(1, 384, 80, 30)
-    fb = forward_flops(a, w)
+    cfg = ARCHS["ofa_base"]
+    fb = forward_flops(cfg, 384, 80, 30)
     assert 2.5 < fb.encoder_layer / fb.decoder_layer < 8  # long image sequence: encoder layers cost more
-    assert 0.25 < fb.resnet / fb.total(a) < 0.4  # the stem is about a third of ofa_base's compute
+    assert 0.25 < fb.resnet / fb.total(cfg) < 0.4  # the stem is about a third of ofa_base's compute
+
+
+def test_presets_are_the_models_own():
+    for name in ("ofa_tiny", "ofa_medium", "ofa_base", "ofa_large", "ofa_huge"):
+        assert ARCHS[name] == OFAConfig.preset(name)
+    assert total_params(ARCHS["ofa_10b"]) == pytest.approx(11.17e9, rel=1e-3)  # the README's planning-only size
+
+
+@pytest.mark.parametrize("arch,pp,tp", [("ofa_base", 2, 1), ("ofa_large", 4, 2), ("ofa_huge", 3, 1)])
+def test_planned_stages_are_the_pipeline_modules_stages(arch, pp, tp):
+    """The planner predicts with the split the pipeline module makes at run time (one implementation)."""
+    from types import SimpleNamespace
+
+    from ofa_scale.parallel.pipeline import stage_blocks
+
+    cfg, w = ARCHS[arch], Workload(64, 384, 80, 30)
+    plan = planner.plan_layout(cfg, w, Hardware(pp * tp * 2), tp, pp, 1, False, 4)
+    layout = SimpleNamespace(partition="flops", pp=pp, tp=tp)
+    assert plan.stage_layers == stage_blocks(layout, cfg, 384, 80, 30)
+    assert len(plan.stage_layers) == pp and sum(plan.stage_layers) == cfg.encoder_layers + cfg.decoder_layers + 3
+
+
+def test_block_costs_by_parameters_and_uniform():
+    cfg = ARCHS["ofa_base"]
+    costs = block_costs(cfg, "parameters")
+    assert len(costs) == len(block_costs(cfg, "uniform")) == cfg.encoder_layers + cfg.decoder_layers + 3
+    # the tied embedding is held (and counted) by both the first and the last block
+    assert sum(costs) == total_params(cfg) + cfg.vocab_size * cfg.d_model
+    with pytest.raises(ConfigError, match="unknown pipeline partition method 'layers'"):
+        block_costs(cfg, "layers")
+
+
+def test_runtime_stage_balancing_does_not_import_the_planner():
+    code = ("import sys; from types import SimpleNamespace as NS; from ofa_scale.model.config import OFAConfig; "
+            "from ofa_scale.parallel.pipeline import stage_blocks; "
+            "cfg = OFAConfig.preset('ofa_base'); "
+            "blocks = [stage_blocks(NS(partition=m, pp=3, tp=1), cfg) for m in ('flops', 'parameters', 'uniform')]; "
+            "assert all(sum(b) == 15 for b in blocks), blocks; "
+            "bad = sorted(m for m in sys.modules if m.startswith('ofa_scale.parallel.planner')); "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
 def test_balanced_split_minimises_the_slowest_stage():
@@ -77,13 +120,13 @@ def test_predicted_model_state_memory_matches_what_each_rank_holds(layout_runs):
     from parallel_launch import LAYOUTS
     from parallel_workers import tiny_config
 
-    arch = arch_from_model_config(tiny_config())
+    arch = tiny_config()
     for name in ("ref", "tp2", "pp2", "tp2pp2", "tp2dp2z3", "pp2dp2z1"):
         spec = LAYOUTS[name]
         tp, pp, zero = spec.get("tp", 1), spec.get("pp", 1), spec.get("zero", 1)
         dp = spec["world"] // (tp * pp)
         for r in layout_runs[name]["ranks"]:
-            blocks = r["stage_blocks"] or [arch.enc_layers + arch.dec_layers + 3]
+            blocks = r["stage_blocks"] or [arch.encoder_layers + arch.decoder_layers + 3]
             mem = rank_memory(arch, tp, dp, zero, "fp32", blocks)[r["pp_rank"]]
             assert r["local_params"] == pytest.approx(mem.params_held, rel=0.01), name
             assert 4 * r["optimizer_numel"] == pytest.approx(mem.optimizer, rel=0.10), name
@@ -128,11 +171,29 @@ def test_cli_prints_a_ranked_table(capsys):
     (["--arch", "ofa_huge", "--hidden", "64", "--gpus", "8", "--global-batch", "8"], "not both"),
     (["--layers", "4", "--hidden", "100", "--heads", "3", "--gpus", "8", "--global-batch", "8"],
      "must be divisible by --heads"),
+    (["--layers", "4", "--hidden", "64", "--heads", "0", "--gpus", "8", "--global-batch", "8"],
+     "--heads must be a positive integer, not 0"),  # not a ZeroDivisionError
 ])
 def test_cli_errors_are_one_line(capsys, argv, needle):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert needle in err and "\n" not in err and err.startswith("ofa-plan: error:")
+
+
+@pytest.mark.parametrize("flag,value,needle", [
+    ("--tflops", "-400", "--tflops must be a positive finite number, not -400"),
+    ("--tflops", "nan", "--tflops must be a positive finite number, not nan"),
+    ("--gpu-mem-gb", "inf", "--gpu-mem-gb must be a positive finite number, not inf"),
+    ("--inter-node-gbs", "0", "--inter-node-gbs must be a positive finite number"),
+    ("--gpus", "-8", "--gpus must be a positive integer, not -8"),
+    ("--image-size", "0", "--image-size must be a positive integer"),
+    ("--top", "-1", "--top must be 0"),
+])
+def test_cli_refuses_negative_zero_and_nan_numbers(capsys, flag, value, needle):
+    assert main(["--arch", "ofa_base", "--gpus", "8", "--global-batch", "64", flag, value]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert needle in err and "\n" not in err and err.startswith("ofa-plan: error:") and captured.out == ""
 
 
 def test_cli_reports_when_nothing_fits(capsys):

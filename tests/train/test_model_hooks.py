@@ -1,33 +1,13 @@
-"""What the trainer does to the model before DeepSpeed sees it: ZeRO-3 external-parameter discovery and
-activation checkpointing (gradients must not change)."""
+"""What the trainer does to the model before DeepSpeed sees it: activation checkpointing (gradients must not
+change) and continued pretraining from a model directory. (ZeRO-3 needs no preparation: the model is ZeRO-3-clean,
+tests/model/test_zero3_clean.py.)"""
 
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from ofa_scale.model import OFAConfig, OFAModel
-from ofa_scale.training.workload import apply_activation_checkpointing
-from ofa_scale.training.zero3 import find_external_parameters
-
-
-class Holder(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.table = nn.Embedding(5, 3)  # read through .weight, never called
-        self.proj = nn.Linear(3, 3)
-
-    def forward(self, ids):
-        return self.proj(torch.nn.functional.embedding(ids, self.table.weight)) + self.proj.bias
-
-
-def test_finds_exactly_the_parameters_used_outside_their_owner():
-    model = Holder()
-    pairs = find_external_parameters(model, lambda: model(torch.tensor([1, 2])))
-    found = {(type(m).__name__, n) for m, p in pairs for n, q in model.named_parameters() if q is p}
-    # the table's weight is used by Holder.forward, the bias of proj too; proj.weight only inside proj
-    assert found == {("Holder", "table.weight"), ("Holder", "proj.bias")}
-    assert model.proj.weight.grad is None  # the probe ran without autograd
+from ofa_scale.training.prepare import apply_activation_checkpointing
 
 
 def tiny_ofa() -> OFAModel:
@@ -43,16 +23,6 @@ def batch():
                 patch_images=torch.randn(2, 3, 32, 32, generator=g),
                 patch_masks=torch.tensor([True, False]),
                 prev_output_tokens=torch.randint(4, 300, (2, 7), generator=g))
-
-
-def test_ofa_tied_output_projection_is_reported_as_external():
-    model = tiny_ofa()
-    inputs = batch()
-    pairs = find_external_parameters(model, lambda: model(**inputs))
-    external = {id(p) for _, p in pairs}
-    assert id(model.encoder.embed_tokens.weight) in external  # the decoder projects with the shared embedding
-    names = {n for n, p in model.named_parameters() if id(p) in external}
-    assert len(names) == len(external)
 
 
 def test_activation_checkpointing_keeps_outputs_and_gradients():

@@ -9,7 +9,7 @@ import signal
 import pytest
 import torch.distributed as dist
 
-from ofa_scale.training.loop import StopRequest
+from ofa_scale.training.stop import StopRequest
 
 
 @pytest.fixture
@@ -24,7 +24,7 @@ def test_signal_stops_after_the_current_step_and_handlers_are_restored(one_proce
     stop = StopRequest(stop_after=None)
     assert stop.after_step() is False
     os.kill(os.getpid(), signal.SIGTERM)  # handled: the process keeps running
-    assert stop.after_step() is True and stop.reason == "signal received"
+    assert stop.after_step() is True and stop.reason == "SIGTERM received"
     stop.restore()
     assert signal.getsignal(signal.SIGTERM) is before
 

@@ -73,11 +73,11 @@ def test_tp2_matches_one_process_and_resumes_under_tp1(reference, tiny_data, tmp
     print(f"tp=2 vs tp=1: max relative loss difference {assert_same_losses(reference, got):.2e}")
     record = json.loads((run_dir / "checkpoints" / "step_000002" / "trainer.json").read_text())
     assert record["layout"]["tp"] == 2
-    assert (run_dir / "checkpoints" / "step_000002" / "canonical" / "canonical.json").is_file()
+    assert (run_dir / "checkpoints" / "step_000002" / "canonical" / "index.json").is_file()
 
     # ofa-eval reads a split run through the same layout-free copy: every tensor of the full model, unsharded
     from ofa_scale.evaluation.model_source import load_eval_model
-    from ofa_scale.parallel.canonical import read_canonical
+    from ofa_scale.parallel.canonical_store import read_canonical
 
     step_dir = run_dir / "checkpoints" / "step_000002"
     loaded = load_eval_model(step_dir)
@@ -117,9 +117,11 @@ def test_pp2_matches_one_process_and_resumes_under_pp2_and_tp1(reference, tiny_d
           f"{assert_same_losses(reference, got):.2e}")
 
 
-def test_pp_with_patch_sampling_is_refused_with_the_fix(tiny_data, tmp_path):
+def test_pp_with_patch_sampling_is_accepted(tiny_data, tmp_path):
+    """OFA's own recipe samples image patches; pipelines now draw the same patches as pp=1 in their embed stage
+    (equivalence: tests/parallel/test_pipeline_training.py)."""
     cfg = parallel_config(tiny_data, pp=2)
-    cfg["objectives"]["sample_patch_num"] = 196
+    cfg["objectives"]["sample_patch_num"] = 2
     config = write_config(tmp_path / "pp2_spn.yaml", cfg)
-    with pytest.raises(AssertionError, match="set objectives.sample_patch_num=0 or parallel.pp=1"):
-        run_train(config, tmp_path / "pp2_spn", "--validate-only", env={"WORLD_SIZE": "2"})
+    proc = run_train(config, tmp_path / "pp2_spn", "--validate-only", env={"WORLD_SIZE": "2"})
+    assert "config is valid" in proc.stdout

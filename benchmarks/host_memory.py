@@ -1,0 +1,100 @@
+"""Peak host memory per rank of a short `ofa-train` run, for 1 and 2 processes (issue: models that never sit whole
+on one rank).
+
+    python benchmarks/host_memory.py --data DIR --tokenizer DIR [--arch ofa_base ofa_large] [--ranks 1 2]
+        [--zero 3] [--repo PATH]
+
+Each rank runs under `/usr/bin/time`, so the figure is the kernel's peak RSS of that process, whatever the code
+being measured reports itself (`--repo` measures another checkout with the same virtualenv, e.g. the previous
+commit). Activations are kept negligible — image-text rows only, micro-batch 2, 64-px images, no loader workers —
+so the peak is the model states plus what the framework adds. The table gives the largest and smallest rank's peak,
+the model states' size (fp32 weights + gradients + two Adam moments) and their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def config(arch: str, data: str, tokenizer: str, zero: int) -> dict:
+    return {
+        "model": {"arch": arch},
+        "data": {"root": data, "tokenizer": {"kind": "sentencepiece", "path": tokenizer}, "num_workers": 0,
+                 "shuffle_buffer": 4},
+        "objectives": {"mix": {"vl": 1, "text": 0, "image": 0, "detection": 0}, "random_augment": False,
+                       "sample_patch_num": 0, "vl": {"image_size": 64, "source_length": 40, "target_length": 16}},
+        "train": {"steps": 3, "global_batch_size": 4, "micro_batch_size": 2, "ckpt_interval": 1000},
+        "parallel": {"zero_stage": zero},
+        "logging": {"mlflow": False},
+    }
+
+
+def measure(repo: Path, cfg: dict, ranks: int, work: Path) -> list[float]:
+    work.mkdir(parents=True, exist_ok=True)
+    path = work / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
+    wrapper = (f'exec /usr/bin/time -f "%M" -o {work}/rss_${{LOCAL_RANK:-0}} {sys.executable} -m ofa_scale.train '
+               f'--config {path} --run-dir {work}/run')
+    if ranks == 1:
+        cmd = ["bash", "-c", wrapper]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
+               str(29500 + os.getpid() % 1000), "--no-python", "bash", "-c", wrapper]
+    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"run failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return [int((work / f"rss_{r}").read_text().split()[-1]) / (1 << 20) for r in range(ranks)]
+
+
+def model_state_gib(arch: str, vocab: int) -> float:
+    from ofa_scale.model.config import OFAConfig
+    from ofa_scale.parallel.planner import total_params
+
+    return total_params(OFAConfig.preset(arch, vocab_size=vocab)) * 16 / (1 << 30)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", required=True)
+    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--arch", nargs="+", default=["ofa_base"])
+    p.add_argument("--ranks", nargs="+", type=int, default=[1, 2])
+    p.add_argument("--zero", type=int, default=3)
+    p.add_argument("--repo", nargs="+", default=[str(REPO)], help="checkouts to measure (labelled by path)")
+    args = p.parse_args()
+    from ofa_scale.data.tokenizer import load_tokenizer
+
+    vocab = len(load_tokenizer("sentencepiece", args.tokenizer))
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for arch in args.arch:
+            states = model_state_gib(arch, vocab)
+            for repo in args.repo:
+                for ranks in args.ranks:
+                    work = Path(tmp) / f"{arch}-{Path(repo).name}-{ranks}"
+                    peaks = measure(Path(repo), config(arch, args.data, args.tokenizer, args.zero), ranks, work)
+                    rows.append((arch, Path(repo).name, ranks, max(peaks), min(peaks), states))
+                    print(f"measured {rows[-1]}", file=sys.stderr, flush=True)
+    print(f"| model | checkout | ranks (ZeRO-{args.zero}) | peak RSS, largest rank GiB | smallest rank GiB | "
+          f"model states GiB (1 rank) | largest / states | vs 1 rank |")
+    print("|---|---|---|---|---|---|---|---|")
+    one = {}
+    for arch, repo, ranks, hi, lo, states in rows:
+        if ranks == 1:
+            one[(arch, repo)] = hi
+        ratio = hi / one[(arch, repo)] if (arch, repo) in one else float("nan")
+        print(f"| {arch} | {repo} | {ranks} | {hi:.2f} | {lo:.2f} | {states:.2f} | {hi / states:.2f} | {ratio:.2f} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -177,3 +177,27 @@ def test_a_damaged_checkpoint_falls_back_to_the_newest_intact_one(finite_run):
     assert sorted(again) == [1, 2, 3, 4]
     for step in (3, 4):
         assert again[step]["loss"] == original[step]["loss"]
+
+
+def test_a_signal_during_start_up_ends_in_a_checkpoint_not_a_crash(tiny_data, tmp_path):
+    """SIGTERM before the first step (while DeepSpeed and the model are still being built) is remembered: the
+    trainer runs to its first step boundary, checkpoints, writes status.json 'stopped' and exits 0."""
+    import os
+    import signal
+    import time
+
+    cfg = tiny_config(tiny_data, train={"steps": 50, "ckpt_interval": 100}, logging={"mlflow": False})
+    config = write_config(tmp_path / "c.yaml", cfg)
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "ofa_scale.train", "--config", str(config), "--run-dir",
+                             str(run_dir)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    time.sleep(3)  # imports done, handlers installed, nothing trained yet
+    assert not (run_dir / "metrics.jsonl").exists()
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert "stopping at step 1 (SIGTERM received)" in out
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status == {"state": "stopped", "step": 1, "steps": 50}
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_000001"

@@ -139,13 +139,6 @@ def any_rank(flag: bool, group=None) -> bool:
     return bool(all_reduce(t, "max", group).item() > 0)
 
 
-def max_min(value: float, group=None) -> tuple[float, float]:
-    """(max, min) of a float over the group."""
-    t = torch.tensor([value, -value], dtype=torch.float64)
-    all_reduce(t, "max", group)
-    return float(t[0]), float(-t[1])
-
-
 # ---- object collectives (pickled; small values only) ------------------------------------------------------------
 def _object_check(op: str, group) -> None:
     # object collectives pickle into a byte tensor on the group's preferred device; with a cpu:gloo entry in

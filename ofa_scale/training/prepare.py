@@ -118,11 +118,6 @@ def apply_activation_checkpointing(model: nn.Module) -> int:
     return count
 
 
-def cast_for_precision(model: nn.Module, dtype: torch.dtype) -> None:
-    if dtype != torch.float32:
-        model.to(dtype)
-
-
 def prepare_model(cfg, ctx, model_config, *, seed: int, device: torch.device, dtype: torch.dtype,
                   fill: Optional[Callable[[nn.Module], None]] = None,
                   pretrained: Optional[Callable[[nn.Module], None]] = None,
@@ -147,11 +142,6 @@ def prepare_model(cfg, ctx, model_config, *, seed: int, device: torch.device, dt
         module = compile_model(module, compile=cfg.train.compile, channels_last=cfg.train.channels_last)
     if device.type != "cpu":
         module.to(device)
-    cast_for_precision(module, dtype)
+    if dtype != torch.float32:  # DeepSpeed casts parameters only; BatchNorm statistics must follow
+        module.to(dtype)
     return module
-
-
-def meta_summary(ctx, model_config) -> dict[str, int]:
-    """Parameters this rank holds under the layout (pp == 1: counted on the meta device), for `ofa-train --check`."""
-    module = build_on_meta(ctx, model_config)
-    return {"parameters": sum(p.numel() for p in module.parameters())}

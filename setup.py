@@ -17,6 +17,7 @@ setup(
             "ofa-train=ofa_scale.train:main",
             "ofa-plan=ofa_scale.parallel.planner_cli:main",
             "ofa-eval=ofa_scale.cli.evaluate:main",
+            "ofa-predict=ofa_scale.predict.cli:main",
         ]
     },
 )

@@ -2,18 +2,20 @@
 on one rank).
 
     python benchmarks/host_memory.py --data DIR --tokenizer DIR [--arch ofa_base ofa_large] [--ranks 1 2]
-        [--zero 3] [--repo PATH]
+        [--zero 3] [--repo PATH ...] [--template JSON ...]
 
 Each rank runs under `/usr/bin/time`, so the figure is the kernel's peak RSS of that process, whatever the code
 being measured reports itself (`--repo` measures another checkout with the same virtualenv, e.g. the previous
-commit). Activations are kept negligible — image-text rows only, micro-batch 2, 64-px images, no loader workers —
-so the peak is the model states plus what the framework adds. The table gives the largest and smallest rank's peak,
+commit; `--template` measures DeepSpeed templates side by side, e.g. a copy of the old `ds_configs/zero3.json`
+against the current one; `default` is the checkout's own template). Activations are kept negligible — image-text
+rows only, micro-batch 2, 64-px images, no loader workers — so the peak is the model states plus what the framework adds. The table gives the largest and smallest rank's peak,
 the model states' size (fp32 weights + gradients + two Adam moments) and their ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import subprocess
 import sys
@@ -25,8 +27,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 
-def config(arch: str, data: str, tokenizer: str, zero: int) -> dict:
-    return {
+def config(arch: str, data: str, tokenizer: str, zero: int, template: str | None) -> dict:
+    cfg = {
         "model": {"arch": arch},
         "data": {"root": data, "tokenizer": {"kind": "sentencepiece", "path": tokenizer}, "num_workers": 0,
                  "shuffle_buffer": 4},
@@ -36,6 +38,9 @@ def config(arch: str, data: str, tokenizer: str, zero: int) -> dict:
         "parallel": {"zero_stage": zero},
         "logging": {"mlflow": False},
     }
+    if template is not None:
+        cfg["deepspeed"] = {"template": str(Path(template).resolve())}
+    return cfg
 
 
 def measure(repo: Path, cfg: dict, ranks: int, work: Path) -> list[float]:
@@ -71,6 +76,8 @@ def main() -> None:
     p.add_argument("--ranks", nargs="+", type=int, default=[1, 2])
     p.add_argument("--zero", type=int, default=3)
     p.add_argument("--repo", nargs="+", default=[str(REPO)], help="checkouts to measure (labelled by path)")
+    p.add_argument("--template", nargs="+", default=["default"],
+                   help="DeepSpeed templates to measure (labelled by file name); 'default' = the checkout's own")
     args = p.parse_args()
     from ofa_scale.data.tokenizer import load_tokenizer
 
@@ -79,11 +86,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for arch in args.arch:
             states = model_state_gib(arch, vocab)
-            for repo in args.repo:
+            for repo, template in itertools.product(args.repo, args.template):
+                label = Path(repo).name if template == "default" else f"{Path(repo).name}:{Path(template).stem}"
+                cfg = config(arch, args.data, args.tokenizer, args.zero, None if template == "default" else template)
                 for ranks in args.ranks:
-                    work = Path(tmp) / f"{arch}-{Path(repo).name}-{ranks}"
-                    peaks = measure(Path(repo), config(arch, args.data, args.tokenizer, args.zero), ranks, work)
-                    rows.append((arch, Path(repo).name, ranks, max(peaks), min(peaks), states))
+                    work = Path(tmp) / f"{arch}-{label.replace(':', '-')}-{ranks}"
+                    peaks = measure(Path(repo), cfg, ranks, work)
+                    rows.append((arch, label, ranks, max(peaks), min(peaks), states))
                     print(f"measured {rows[-1]}", file=sys.stderr, flush=True)
     print(f"| model | checkout | ranks (ZeRO-{args.zero}) | peak RSS, largest rank GiB | smallest rank GiB | "
           f"model states GiB (1 rank) | largest / states | vs 1 rank |")

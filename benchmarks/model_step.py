@@ -8,8 +8,11 @@ GPU: python benchmarks/model_step.py --device cuda --arch ofa_base,ofa_large --d
 
 Timing: every (attention path, variant) is run interleaved (math/eager, sdpa/eager, math/compiled, …) after
 warm-up, so machine noise hits all alike; the table shows medians and the ratio to the eager step of the same
-attention path. Each variant is its own model built from the same seed. Compile time is reported separately: the
-first step of a compiled variant (tracing + code generation + the step) minus its median step; the inductor
+attention path. On a shared CPU machine, `--threads 1 --clock cpu` times each step in this process's CPU seconds,
+which other processes barely change (under heavy load, wall-clock ratios depend on how each variant's threads
+happen to be scheduled). The `compiled-transformer`/`compiled-stem` variants compile only that part of the model.
+Each variant is its own model built from the same seed. Compile time is reported separately: the first step of a
+compiled variant (tracing + code generation + the step) minus its median step; the inductor
 caches on disk make a second run of the same shapes compile faster. Tokens/s counts every token the transformer
 processes: batch × (image tokens + source + target). MFU = analytic FLOPs of the step (ofa_scale.model.flops:
 transformer matmuls + attention + ResNet convolutions, backward = 2× forward) / time / the device's dense peak
@@ -32,9 +35,13 @@ from ofa_scale.parallel.compile import compile_model
 
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# variant -> (train.compile, train.channels_last)
-VARIANTS = {"eager": (False, False), "channels-last": (False, True), "compiled": (True, False),
-            "compiled+channels-last": (True, True)}
+# variant -> (train.compile, train.channels_last, compile scope); the scoped ones tell apart what compiling the
+# transformer layers and the stem's blocks each contribute
+VARIANTS = {"eager": (False, False, "all"), "channels-last": (False, True, "all"), "compiled": (True, False, "all"),
+            "compiled+channels-last": (True, True, "all"),
+            "compiled-transformer": (True, False, "transformer"),
+            "compiled-transformer+channels-last": (True, True, "transformer"),
+            "compiled-stem+channels-last": (True, True, "stem")}
 
 
 def make_batch(args, device, dtype, generator):
@@ -59,17 +66,17 @@ def train_step(model, batch, target, device):
 def build_model(cfg, device, dtype, variant: str) -> OFAModel:
     torch.manual_seed(0)  # every variant starts from the same weights
     model = OFAModel(cfg).to(device=device, dtype=dtype).train()
-    compiled, channels_last = VARIANTS[variant]
+    compiled, channels_last, scope = VARIANTS[variant]
     if compiled or channels_last:
-        compile_model(model, compile=compiled, channels_last=channels_last)
+        compile_model(model, compile=compiled, channels_last=channels_last, scope=scope)
     return model
 
 
-def timed_step(model, impl, batch, target, device) -> float:
+def timed_step(model, impl, batch, target, device, clock=time.perf_counter) -> float:
     model.set_attention_impl(impl)
-    start = time.perf_counter()
+    start = clock()
     train_step(model, batch, target, device)
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def peak_tflops(args, device) -> float | None:
@@ -100,9 +107,16 @@ def main(argv=None) -> int:
     p.add_argument("--variants", default="eager,compiled",
                    help=f"comma-separated, from {', '.join(VARIANTS)}; ratios are to 'eager' when it is listed")
     p.add_argument("--peak-tflops", type=float, default=None)
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="cpu: this process's CPU seconds (all its threads), which other processes on a shared "
+                        "machine barely change; most telling with --threads 1 (CPU only; compile s then leaves "
+                        "out inductor's compile workers)")
     args = p.parse_args(argv)
 
     device = torch.device(args.device)
+    if args.clock == "cpu" and device.type != "cpu":
+        p.error("--clock cpu measures CPU time; use the wall clock on an accelerator")
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
     dtype = DTYPES[args.dtype or ("fp32" if device.type == "cpu" else "bf16")]
     archs = (args.arch or "ofa_tiny").split(",")
@@ -114,7 +128,7 @@ def main(argv=None) -> int:
     peak = peak_tflops(args, device)
     kernels.describe(verbose=True)
     print(f"device={device} dtype={dtype} batch={args.batch} image={args.image_size} src={args.src_len} "
-          f"tgt={args.tgt_len} threads={args.threads} warmup={args.warmup} repeats={args.repeats}")
+          f"tgt={args.tgt_len} threads={args.threads} warmup={args.warmup} repeats={args.repeats} clock={args.clock}")
 
     rows = []
     for arch in archs:
@@ -128,12 +142,12 @@ def main(argv=None) -> int:
         first: dict[tuple[str, str], float] = {}
         times: dict[tuple[str, str], list[float]] = {run: [] for run in runs}
         for impl, v in runs:  # warm-up each path (compilation, allocator, kernel selection)
-            first[(impl, v)] = timed_step(models[v], impl, batch, target, device)
+            first[(impl, v)] = timed_step(models[v], impl, batch, target, device, clock)
             for _ in range(args.warmup - 1):
-                timed_step(models[v], impl, batch, target, device)
+                timed_step(models[v], impl, batch, target, device, clock)
         for _ in range(args.repeats):
             for impl, v in runs:
-                times[(impl, v)].append(timed_step(models[v], impl, batch, target, device))
+                times[(impl, v)].append(timed_step(models[v], impl, batch, target, device, clock))
         for impl, v in runs:
             med = statistics.median(times[(impl, v)])
             base_variant = "eager" if "eager" in variants else variants[0]
@@ -146,14 +160,14 @@ def main(argv=None) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    header = f"{'arch':<11} {'attention':<9} {'variant':<22} {'dtype':<8} {'median s':>9} {'min s':>7} " \
+    header = f"{'arch':<11} {'attention':<9} {'variant':<34} {'dtype':<8} {'median s':>9} {'min s':>7} " \
              f"{'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'ratio':>6} {'compile s':>9}"
     print(header)
     print("-" * len(header))
     for arch, impl, v, dt, med, fastest, tps, tf, mfu, ratio, compile_s in rows:
         mfu_s = f"{100 * mfu:5.1f}%" if mfu is not None else "   n/a"
         comp = f"{compile_s:9.1f}" if compile_s is not None else f"{'-':>9}"
-        print(f"{arch:<11} {impl:<9} {v:<22} {dt:<8} {med:9.3f} {fastest:7.3f} {tps:10.0f} {tf:8.3f} {mfu_s:>6} "
+        print(f"{arch:<11} {impl:<9} {v:<34} {dt:<8} {med:9.3f} {fastest:7.3f} {tps:10.0f} {tf:8.3f} {mfu_s:>6} "
               f"{ratio:6.2f} {comp}")
     base_name = "eager" if "eager" in variants else variants[0]
     print(f"(ratio = median / median of '{base_name}' for the same arch and attention; compile s = first step - "

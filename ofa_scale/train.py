@@ -1,6 +1,9 @@
-"""`ofa-train`: OFA pretraining on a DeepSpeed engine.
+"""`ofa-train`: OFA pretraining and finetuning on a DeepSpeed engine.
 
     ofa-train --config configs/demo.yaml --run-dir runs/demo [--set optim.lr=1e-4 ...] [--resume]
+    ofa-train --config configs/finetune/caption_stage1_base.yaml --set model.pretrained=ofa_base.pt
+
+A config with `task.name` set is a finetuning recipe and runs the finetuning trainer (ofa_scale/finetune/).
 
 Runs the same under `python -m ofa_scale.train`, `torchrun -m ofa_scale.train` and
 `deepspeed --num_gpus N --module ofa_scale.train`. The config is loaded and validated before any process group
@@ -19,7 +22,7 @@ from ofa_scale.errors import UserError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ofa-train", description="OFA multitask pretraining on DeepSpeed")
+    p = argparse.ArgumentParser(prog="ofa-train", description="OFA pretraining and finetuning on DeepSpeed")
     p.add_argument("--config", required=True, help="training YAML (see configs/)")
     p.add_argument("--run-dir", default=None,
                    help="where config, metrics.jsonl, checkpoints and mlflow.db go (default: runs/<config name>)")
@@ -67,17 +70,21 @@ def main(argv: list[str] | None = None) -> int:
 
             print(check_config(cfg, world))
             return 0
-        from ofa_scale.training.loop import plan, train
+        from ofa_scale.training.loop import Trainer, plan, train
 
         if args.validate_only:
-            _, layout, grad_accum = plan(cfg, world)
-            print(f"ofa-train: config is valid ({layout.describe()}, gradient accumulation {grad_accum})")
+            workload, layout, grad_accum = plan(cfg, world)
+            print(f"ofa-train: config is valid ({layout.describe()}, gradient accumulation {grad_accum}, "
+                  f"{workload.cfg.train.steps} updates)")
             return 0
 
         if args.stop_after is not None and args.stop_after < 1:
             raise UserError("--stop-after must be a positive number of steps")
         run_dir = args.run_dir or str(Path("runs") / Path(args.config).stem)
-        train(cfg, run_dir, resume=args.resume, stop_after=args.stop_after, stop=stop)
+        trainer_cls = Trainer
+        if cfg.finetuning:
+            from ofa_scale.finetune.trainer import FinetuneTrainer as trainer_cls
+        train(cfg, run_dir, resume=args.resume, stop_after=args.stop_after, stop=stop, trainer_cls=trainer_cls)
         return 0
 
     try:

@@ -52,4 +52,7 @@ step "5/5 evaluation: generate on held-out rows (a fresh seed) and score caption
 "$PY" -m ofa_scale.cli.evaluate generate --checkpoint "$DEMO_DIR" --data "$DATA/heldout_shards" --beam 1 \
   --tasks caption,vqa,grounding --limit 24 --out "$DEMO_DIR/eval"
 
+step "pictures of the run: loss per objective, lr, grad norm, throughput, memory (open report.md)"
+"$PY" -m ofa_scale.cli.evaluate report "$DEMO_DIR"
+
 step "done in $(( $(date +%s) - start )) s: run in $DEMO_DIR, evaluation tables in $DEMO_DIR/eval"

@@ -1,4 +1,5 @@
-"""`ofa-eval`: score predictions against references, generate-and-score with a checkpoint, build CIDEr caches.
+"""`ofa-eval`: score predictions against references, generate-and-score with a checkpoint, build CIDEr caches,
+evaluate a finetuning recipe (`run`).
 
 Each subcommand lives in its own module exposing `add_arguments(parser)` and `run(args) -> int`; only the chosen
 one is imported, so `ofa-eval score` never imports torch or the model.
@@ -15,6 +16,9 @@ SUBCOMMANDS = {
     "generate": ("ofa_scale.evaluation.generate_cli",
                  "generate with a checkpoint on held-out shard records, then score"),
     "cider-df": ("ofa_scale.evaluation.cider_df", "cache CIDEr-D document frequencies from reference captions"),
+    "run": ("ofa_scale.finetune.eval_cli",
+            "evaluate a finetuned checkpoint with its recipe's task and metrics (results.json, metrics.json)"),
+    "report": ("ofa_scale.evaluation.report", "draw a run's metrics.jsonl into PNGs and a markdown report"),
 }
 
 

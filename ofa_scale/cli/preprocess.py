@@ -1,4 +1,4 @@
-"""`ofa-preprocess`: sample corpus, TSV → webdataset shards, tokenizer training.
+"""`ofa-preprocess`: sample corpus, TSV → webdataset shards, tokenizer training, VQA candidate answers.
 
 Each subcommand lives in its own module exposing `add_arguments(parser)` and `run(args) -> int`; they are
 imported lazily so `ofa-preprocess --help` stays fast.
@@ -14,6 +14,7 @@ SUBCOMMANDS = {
     "sample": ("ofa_scale.data.sample_corpus", "write a deterministic synthetic OFA pretraining corpus"),
     "shards": ("ofa_scale.data.convert", "convert OFA TSVs to validated webdataset shards"),
     "train-tokenizer": ("ofa_scale.data.tokenizer_train", "train a SentencePiece tokenizer on corpus text"),
+    "vqa-answers": ("ofa_scale.finetune.answers", "VQA candidate answers from a training TSV, most frequent first"),
 }
 
 

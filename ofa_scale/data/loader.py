@@ -27,9 +27,11 @@ die with the process that started them (ofa_scale/data/loader_workers.py).
 
 from __future__ import annotations
 
+import atexit
 import copy
 import functools
 import logging
+import weakref
 from typing import Any, Callable, Iterator
 
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -209,6 +211,12 @@ class ShardLoader:
         return first
 
     def __iter__(self) -> Iterator[Any]:
+        batches = self._batches()
+        if self.num_workers > 0:
+            _close_at_exit(batches)
+        return batches
+
+    def _batches(self) -> Iterator[Any]:
         dataset = _RankStreams(self.catalogs, self.settings, self.streams,
                                [self._states[j] for j in self.streams], self._first_micro_batch(),
                                self.total_steps, self.record_fn, self.collate_fn)
@@ -300,3 +308,24 @@ def merge_loader_states(states: list[dict]) -> dict:
             raise UserError("the loader states to merge come from runs with different loader settings")
         streams.update(copy.deepcopy(state["streams"]))
     return {**header, "streams": streams}
+
+
+# Iterations whose DataLoader workers may still be alive. Workers ignore SIGTERM (data/loader_workers.py), and at
+# interpreter exit multiprocessing's own handler terminates and then joins its daemonic children, so a worker of an
+# iteration still referenced then (a trainer's `iter(loader)`) would be joined forever. Closing the iteration first
+# ends its workers the normal way (the DataLoader iterator shuts them down when it is released).
+_LIVE_ITERATIONS: "weakref.WeakSet" = weakref.WeakSet()
+_EXIT_HOOK: list[bool] = []
+
+
+def _close_at_exit(batches: Iterator[Any]) -> None:
+    _LIVE_ITERATIONS.add(batches)
+    if not _EXIT_HOOK:
+        # registered after multiprocessing's (workers exist only once it is imported): atexit runs it first
+        atexit.register(_close_live_iterations)
+        _EXIT_HOOK.append(True)
+
+
+def _close_live_iterations() -> None:
+    for batches in list(_LIVE_ITERATIONS):
+        batches.close()

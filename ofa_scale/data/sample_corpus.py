@@ -1,4 +1,5 @@
-"""`ofa-preprocess sample`: a deterministic synthetic OFA pretraining corpus in the exact OFA TSV formats.
+"""`ofa-preprocess sample`: a deterministic synthetic OFA pretraining corpus in the exact OFA TSV formats (and,
+from the same scenes, the finetuning TSVs of sample_finetune.py under OUT/finetune/).
 
 The images show a small world of coloured shapes on textured backgrounds. Every caption, question/answer,
 grounding box and detection box is computed from the same scene description the image was drawn from, so the
@@ -171,22 +172,36 @@ def _article(word: str) -> str:
     return "an" if word[0] in "aeiou" else "a"
 
 
-def describe(scene: Scene, rng: random.Random) -> str:
-    """A true caption with the capitals and punctuation of web captions."""
+def shape_groups(scene: Scene) -> list[tuple[str, str, int]]:
+    """(colour, kind, count) per distinct coloured shape, in drawing order of first occurrence."""
     groups: dict[tuple[str, str], int] = {}
     for s in scene.shapes:
         groups[(s.colour, s.kind)] = groups.get((s.colour, s.kind), 0) + 1
+    return [(colour, kind, n) for (colour, kind), n in groups.items()]
+
+
+def listing(groups: list[tuple[str, str, int]]) -> str:
+    """'a red circle, two blue squares and a green star' for the given groups, in their order."""
     parts = []
-    for (colour, kind), n in groups.items():
+    for colour, kind, n in groups:
         words = _count_phrase(n, kind).split(" ", 1)
         parts.append(f"{words[0]} {colour} {words[1]}" if n > 1 else f"{_article(colour)} {colour} {kind}")
-    listing = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
-    bg = "a plain" if scene.background == "plain" else f"a {scene.background}"
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def background_phrase(scene: Scene) -> str:
+    return "a plain" if scene.background == "plain" else f"a {scene.background}"
+
+
+def describe(scene: Scene, rng: random.Random) -> str:
+    """A true caption with the capitals and punctuation of web captions."""
+    shapes_text = listing(shape_groups(scene))
+    bg = background_phrase(scene)
     template = rng.choice((
         "{L} on {B} background.", "A picture of {L} on {B} background", "{L}, drawn on {B} background!",
         "There are {L} on {B} background.", "Close-up: {L} over {B} pattern.",
     ))
-    text = template.format(L=listing, B=bg)
+    text = template.format(L=shapes_text, B=bg)
     return text[0].upper() + text[1:]
 
 
@@ -239,16 +254,25 @@ def refer(scene: Scene, rng: random.Random) -> tuple[str, Shape] | None:
     order = list(scene.shapes)
     rng.shuffle(order)
     for s in order:
-        same_name = [t for t in scene.shapes if t.name == s.name]
-        if len(same_name) == 1:
-            return rng.choice(("the {n}", "The {n}.", "{n}")).format(n=s.name), s
-        same_size = [t for t in same_name if t.size == s.size]
-        if len(same_size) == 1:
-            return f"the {s.size} {s.name}", s
-        if len(same_name) == 2:
-            left = min(same_name, key=lambda t: t.cx)
-            if left.cx != max(same_name, key=lambda t: t.cx).cx:
-                return f"the {s.name} on the {'left' if s is left else 'right'}", s
+        text = expression(scene, s, rng)
+        if text is not None:
+            return text, s
+    return None
+
+
+def expression(scene: Scene, s: Shape, rng: random.Random) -> str | None:
+    """A referring expression true of `s` only (by name, size or left/right), or None. Draws from `rng` only
+    when it returns a plain name, so `refer` keeps its random sequence."""
+    same_name = [t for t in scene.shapes if t.name == s.name]
+    if len(same_name) == 1:
+        return rng.choice(("the {n}", "The {n}.", "{n}")).format(n=s.name)
+    same_size = [t for t in same_name if t.size == s.size]
+    if len(same_size) == 1:
+        return f"the {s.size} {s.name}"
+    if len(same_name) == 2:
+        left = min(same_name, key=lambda t: t.cx)
+        if left.cx != max(same_name, key=lambda t: t.cx).cx:
+            return f"the {s.name} on the {'left' if s is left else 'right'}"
     return None
 
 
@@ -411,6 +435,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="directory to write the TSVs and negative_sample/ into")
     parser.add_argument("--rows", type=int, default=2000, help="vision-language rows (others scale with it)")
     parser.add_argument("--seed", type=int, default=0, help="corpus seed; same seed, same bytes")
+    parser.add_argument("--finetune-images", type=int, default=256, metavar="N",
+                        help="training images of the finetuning TSVs in OUT/finetune/ (caption, vqa, refcoco, "
+                             "snli_ve; 0 writes none)")
+    parser.add_argument("--finetune-eval-images", type=int, default=64, metavar="N",
+                        help="images of each held-out finetuning split (val, test), disjoint from training")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -419,4 +448,11 @@ def run(args: argparse.Namespace) -> int:
         n = sum(1 for _ in open(paths[name], "rb"))
         print(f"{paths[name]}: {n} rows")
     print(f"{Path(args.out) / 'negative_sample'}: all_captions.txt, object.txt, type2ans.json")
+    if args.finetune_images:
+        # imported here: sample_finetune builds on this module's scenes
+        from ofa_scale.data.sample_finetune import write_finetune_corpus
+
+        for name, path in write_finetune_corpus(Path(args.out) / "finetune", args.finetune_images,
+                                                args.finetune_eval_images, seed=args.seed).items():
+            print(f"{path}: {sum(1 for _ in open(path, 'rb'))} rows")
     return 0

@@ -40,8 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--beam", type=int, default=None,
                         help="beam size for every task (default: each task's OFA setting, e.g. 5 for captions); "
                              "1 = greedy, useful for small undertrained models whose beams prefer short answers")
-    parser.add_argument("--vqa-answers", default=None, metavar="FILE",
-                        help="candidate answers, one per line, added to the trie besides the reference answers")
+    parser.add_argument("--answers", "--vqa-answers", dest="answers", default=None, metavar="FILE",
+                        help="VQA candidate answers, one per line (`ofa-preprocess vqa-answers` from the training "
+                             "TSV, OFA's trainval_ans2label): the only answers VQA decoding may produce; required "
+                             "when vqa is among --tasks")
     add_score_options(parser)
 
 
@@ -61,16 +63,20 @@ def _write_jsonl(path: Path, records: list[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
-def _read_answers(path: str | None) -> list[str]:
-    if path is None:
+def _read_answers(path: str | None, tasks: list[str]) -> list[str]:
+    """The VQA candidates. Never the evaluated questions' own references: a trie over them leaks the labels."""
+    if "vqa" not in tasks:
         return []
-    p = Path(path)
-    if not p.is_file():
-        raise UserError(f"--vqa-answers {p} does not exist; give a text file with one answer per line")
-    return [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if path is None:
+        raise UserError("VQA evaluation decodes over a candidate answer file: give --answers FILE (one answer per "
+                        "line, as `ofa-preprocess vqa-answers --input vqa_train.tsv --out FILE` writes) or leave "
+                        "vqa out of --tasks")
+    from ofa_scale.finetune.answers import load_answers
+
+    return load_answers(path)
 
 
-def _evaluate_task(task, samples, loaded, args, options, extra_answers, device, task_dir: Path) -> dict:
+def _evaluate_task(task, samples, loaded, args, options, answers, device, task_dir: Path) -> dict:
     """Generate, write predictions/references, score; returns the task's eval document."""
     from ofa_scale.evaluation.generation import predict
     from ofa_scale.evaluation.records import pair_records
@@ -79,7 +85,7 @@ def _evaluate_task(task, samples, loaded, args, options, extra_answers, device, 
 
     t0 = time.perf_counter()
     predictions = predict(loaded.model, samples, loaded.tokenizer, loaded.geometry, batch_size=args.batch_size,
-                          device=device, extra_answers=extra_answers, beam_size=args.beam)
+                          device=device, answers=answers, beam_size=args.beam)
     seconds = time.perf_counter() - t0
     print(f"ofa-eval: {task}: generated {len(predictions)} in {seconds:.1f}s "
           f"({len(predictions) / max(seconds, 1e-9):.1f} samples/s)", flush=True)
@@ -110,7 +116,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--data {args.data} holds no manifest.json; point it at an `ofa-preprocess shards` output "
                         "converted from held-out vision-language TSVs")
     options = options_from_args(args)
-    extra_answers = _read_answers(args.vqa_answers)
+    answers = _read_answers(args.answers, tasks)
     t0 = time.perf_counter()
     loaded = load_eval_model(args.checkpoint, tokenizer_kind=args.tokenizer_kind, tokenizer_path=args.tokenizer_path)
     geometry = loaded.geometry
@@ -131,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
         if not samples[task]:
             print(f"ofa-eval: no {task} records in {args.data}; skipped")
             continue
-        document = _evaluate_task(task, samples[task], loaded, args, options, extra_answers, device, out / task)
+        document = _evaluate_task(task, samples[task], loaded, args, options, answers, device, out / task)
         documents.append(document)
         summary[task] = {k: document[k] for k in ("main_metric", "metrics", "counts")}
     atomic_write_json(out / "eval.json", {

@@ -2,8 +2,9 @@
 
 * caption: beam 5, max_len_b 16, no_repeat_ngram 3, length-normalised (spec §7.1).
 * vqa: beam 5, unnormalised, constrained by a trie over the candidate answers (`[bos] + BPE(" " + answer) +
-  [eos]`, spec §6.3). The decoder starts from bos, as our pretraining builds VQA targets (OFA's zero-shot
-  `--prompt-type none`).
+  [eos]`, spec §6.3). The candidates come from a candidate file only (`ofa-preprocess vqa-answers`, OFA's
+  trainval_ans2label), never from the evaluated questions' references, which would leak the labels. The decoder
+  starts from bos, as our pretraining builds VQA targets (OFA's zero-shot `--prompt-type none`).
 * grounding: beam 5, exactly 4 tokens (min_len = max_len_b = 4), no_repeat_ngram 3, restricted to `<bin>`
   tokens (OFA leaves decoding unconstrained; a trained model emits bins anyway, an undertrained one would
   otherwise produce boxes that cannot be read), then bins → box in the stored image's pixels.
@@ -15,6 +16,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from ofa_scale.errors import UserError
 from ofa_scale.evaluation.metrics.grounding import bins_to_box
 from ofa_scale.evaluation.model_source import InputGeometry
 from ofa_scale.evaluation.vl_inputs import EvalSample
@@ -33,12 +35,13 @@ def batch_inputs(samples: Sequence[EvalSample], pad: int) -> dict[str, torch.Ten
             "patch_masks": torch.ones(len(samples), dtype=torch.bool)}
 
 
-def answer_trie(samples: Sequence[EvalSample], tok: Any, extra_answers: Sequence[str] = ()) -> Trie:
-    """Candidate set: the given answers plus every reference answer of the evaluated questions."""
-    answers = dict.fromkeys(a.strip() for a in extra_answers)
-    for s in samples:
-        answers.update(dict.fromkeys(str(a["answer"]).strip() for a in s.reference["answers"]))
-    return Trie.from_answers([tok.encode(" " + a) for a in answers if a], bos=tok.bos, eos=tok.eos)
+def answer_trie(answers: Sequence[str], tok: Any) -> Trie:
+    """The trie of the candidate answers (a candidate file's lines), `[bos] + BPE(" " + answer) + [eos]` each."""
+    answers = [a for a in dict.fromkeys(a.strip() for a in answers) if a]
+    if not answers:
+        raise UserError("VQA evaluation needs candidate answers: give --answers FILE (one answer per line, as "
+                        "`ofa-preprocess vqa-answers` writes)")
+    return Trie.from_answers([tok.encode(" " + a) for a in answers], bos=tok.bos, eos=tok.eos)
 
 
 def decoding_config(task: str, tok: Any, beam_size: Optional[int] = None) -> GenerationConfig:
@@ -73,14 +76,14 @@ def prediction_record(sample: EvalSample, tokens: torch.Tensor, tok: Any, geomet
 
 @torch.no_grad()
 def predict(model: torch.nn.Module, samples: Sequence[EvalSample], tok: Any, geometry: InputGeometry, *,
-            batch_size: int, device: torch.device, extra_answers: Sequence[str] = (),
+            batch_size: int, device: torch.device, answers: Sequence[str] = (),
             beam_size: Optional[int] = None) -> list[dict]:
-    """One prediction record per sample (same order)."""
+    """One prediction record per sample (same order); `answers`: the VQA candidates (required for VQA)."""
     if not samples:
         return []
     task = samples[0].task
     cfg = decoding_config(task, tok, beam_size)
-    trie = answer_trie(samples, tok, extra_answers) if task == "vqa" else None
+    trie = answer_trie(answers, tok) if task == "vqa" else None
     out: list[dict] = []
     for start in range(0, len(samples), batch_size):
         chunk = samples[start:start + batch_size]

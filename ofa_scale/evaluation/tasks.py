@@ -120,7 +120,7 @@ def _score_caption(preds: list[str], refs: list[list[str]], options: ScoreOption
 
     df = DocumentFrequencies.load(options.cider_df) if options.cider_df else None
     scores = score_captions(preds, refs, tokenizer=options.caption_tokenizer, with_meteor=options.meteor,
-                            document_frequencies=df)
+                            document_frequencies=df)  # pycocoevalcap's scorers; CIDEr-D by hand only with df
     return TaskScores(scores.metrics, scores.per_sample, {
         "caption_tokenizer": options.caption_tokenizer,
         "cider_document_frequencies": options.cider_df or "references"})

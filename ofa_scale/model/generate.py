@@ -21,18 +21,23 @@ Semantics follow fairseq's SequenceGenerator as OFA uses it:
 
 The KV cache lives in an `incremental_state` dict handed to `model.decoder`; cross-attention keys/values are
 computed on the first step and reused. `use_cache=False` recomputes the whole prefix every step (reference path).
+
+All-candidate scoring: `score_candidates` runs each prompt once and each shared answer prefix once
+(model/candidates.py); `score_candidates_naive` is OFA's way, the reference it is tested and benchmarked against.
+Distributed evaluation passes a `lockstep` so that every rank runs the same number of decoder forwards.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch.nn import functional as F
 
 from ofa_scale.errors import ConfigError
+from ofa_scale.model.candidates import run_in_lockstep, score_tree
 from ofa_scale.utils.trie import Trie
 
 BOS, PAD, EOS, UNK = 0, 1, 2, 3
@@ -167,6 +172,19 @@ class _Stepper:
         if self.state is not None:
             self.model.decoder.reorder_incremental_state(self.state, order)
 
+    def idle(self, fed: torch.Tensor, lockstep: Callable[[bool], bool] | None) -> None:
+        """This rank's rows are all finished (`fed`: the tokens of its last step). With a lockstep, keep stepping
+        one of them on, outputs ignored, until every rank is done: each rank then runs the same number of decoder
+        forwards, which ZeRO-3 (parameter gathers) and TP (all-reduces) need. The row grows by one token per step
+        like the other ranks' rows, so it never passes a position they reach."""
+        if lockstep is None:
+            return
+        row = fed[:1]
+        self.reorder(torch.zeros(1, dtype=torch.long, device=fed.device))
+        while not lockstep(True):
+            row = torch.cat([row, row.new_full((1, 1), EOS)], dim=1)
+            self.logits(row)
+
 
 class _Rows:
     """Per-row decoding constraints (forced prefix, trie) that follow the rows through reorders."""
@@ -252,7 +270,7 @@ def _finish(tokens_row: torch.Tensor, step: int, cum_scores_row: torch.Tensor, f
 
 
 def _beam_search(stepper: _Stepper, rows: _Rows, bsz: int, cfg: GenerationConfig, max_len: int,
-                 device: torch.device) -> list[list[Hypothesis]]:
+                 device: torch.device, lockstep: Callable[[bool], bool] | None) -> list[list[Hypothesis]]:
     beam = cfg.beam_size
     tokens = torch.full((bsz * beam, max_len + 2), PAD, dtype=torch.long, device=device)
     tokens[:, 0] = BOS
@@ -294,12 +312,15 @@ def _beam_search(stepper: _Stepper, rows: _Rows, bsz: int, cfg: GenerationConfig
         stepper.reorder(order_t)
         rows.reorder(order_t)
         active = [active[s] for s in keep]
+        if lockstep is not None:
+            lockstep(False)  # this rank steps on; the call keeps every rank's collectives in order
+    stepper.idle(tokens[:, :step + 1], lockstep)
     return finalized
 
 
 def _independent_rows(stepper: _Stepper, rows: _Rows, bsz: int, per_sample: int, cfg: GenerationConfig,
-                      max_len: int, device: torch.device, generator: torch.Generator | None
-                      ) -> list[list[Hypothesis]]:
+                      max_len: int, device: torch.device, generator: torch.Generator | None,
+                      lockstep: Callable[[bool], bool] | None) -> list[list[Hypothesis]]:
     """Greedy (argmax) or sampling: each of bsz·per_sample rows decodes on its own until eos."""
     total = bsz * per_sample
     tokens = torch.full((total, max_len + 2), PAD, dtype=torch.long, device=device)
@@ -337,6 +358,9 @@ def _independent_rows(stepper: _Stepper, rows: _Rows, bsz: int, per_sample: int,
         stepper.reorder(keep)
         rows.reorder(keep)
         alive = [alive[i] for i in keep.tolist()]
+        if lockstep is not None:
+            lockstep(False)
+    stepper.idle(tokens[:, :step + 1], lockstep)
     return out
 
 
@@ -381,16 +405,27 @@ def generate(
     prefix_tokens: Sequence[Sequence[int]] | torch.Tensor | None = None,
     constraint_trie: Trie | Sequence[Trie | None] | None = None,
     generator: torch.Generator | None = None,
+    lockstep: Callable[[bool], bool] | None = None,
 ) -> list[list[Hypothesis]]:
     """Decode a batch (`src_tokens`, optional `patch_images`, `patch_masks`, `code_masks`).
 
     Returns, per sample, its hypotheses sorted by score (best first; `cfg.nbest` of them). `prefix_tokens`:
     per-sample forced tokens after bos (a list of lists, or a pad-padded tensor). `constraint_trie`: one trie for
     all samples or one per sample (None = unconstrained). Put the model in eval mode first.
+
+    `lockstep(done) -> every rank is done` (distributed evaluation, e.g. `lambda done: not
+    collectives.any_rank(not done)`) is called once per decoder step; a rank whose rows have all finished keeps
+    stepping a dummy row until every rank has, so all ranks run the same number of forwards (an empty batch
+    included: it decodes a placeholder sample and returns []).
     """
     cfg = cfg or GenerationConfig()
     cfg.validate()
     src = batch["src_tokens"]
+    if src.shape[0] == 0:
+        if lockstep is None:
+            return []
+        generate(model, _placeholder_batch(batch), cfg, generator=generator, lockstep=lockstep)
+        return []
     bsz, device = src.shape[0], src.device
     code_masks = batch.get("code_masks")
     code_mode = code_masks is not None and bool(code_masks.any())
@@ -415,11 +450,45 @@ def generate(
     rows = _Rows(prefix.index_select(0, order), prefix_len.index_select(0, order),
                  None if tries is None else [tries[i] for i in order.tolist()])
     if cfg.greedy or cfg.sampling:
-        results = _independent_rows(stepper, rows, bsz, per_sample, cfg, max_len, device, generator)
+        results = _independent_rows(stepper, rows, bsz, per_sample, cfg, max_len, device, generator, lockstep)
     else:
-        results = _beam_search(stepper, rows, bsz, cfg, max_len, device)
+        results = _beam_search(stepper, rows, bsz, cfg, max_len, device, lockstep)
     nbest = cfg.nbest or per_sample
     return [sorted(hyps, key=lambda h: -h.score)[:nbest] for hyps in results]
+
+
+def _prompts(decoder_prompts, bsz: int) -> list[list[int]]:
+    prompts = [[BOS]] * bsz if decoder_prompts is None else [list(map(int, p)) for p in decoder_prompts]
+    if len(prompts) != bsz or any(not p or p[0] != BOS for p in prompts):
+        raise ValueError("decoder_prompts needs one prompt per sample, each starting with bos")
+    return prompts
+
+
+def _candidate_inputs(batch, candidates, decoder_prompts, constraint_trie, constrain, lockstep):
+    """Shared set-up of both scorers -> (batch, prompts, candidates, trie or None); batch None: nothing to run.
+    An empty batch under a lockstep becomes one placeholder sample, since the other ranks' passes wait on it."""
+    bsz = batch["src_tokens"].shape[0]
+    prompts = _prompts(decoder_prompts, bsz)
+    cands = [list(map(int, c)) for c in candidates]
+    if bsz == 0:
+        if lockstep is None:
+            return None, prompts, cands, None
+        batch, prompts = _placeholder_batch(batch), [[BOS]]
+    if constrain and constraint_trie is None:
+        constraint_trie = Trie.from_answers(cands, bos=BOS, eos=EOS)
+    return batch, prompts, cands, constraint_trie if constrain else None
+
+
+def _placeholder_batch(batch: Mapping[str, torch.Tensor]) -> dict:
+    """One all-bos sample shaped like `batch` (which has none), for a rank that must still run its forwards."""
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            out[key] = value.new_ones((1, *value.shape[1:])) if key == "patch_masks" else \
+                value.new_zeros((1, *value.shape[1:]))
+        else:
+            out[key] = value
+    return out
 
 
 @torch.no_grad()
@@ -432,44 +501,78 @@ def score_candidates(
     constraint_trie: Trie | None = None,
     constrain: bool = True,
     chunk_size: int = 20,
+    lockstep: Callable[[bool], bool] | None = None,
+    rows_per_pass: int = 4096,
 ) -> torch.Tensor:
     """All-candidate inference (spec §6.3) -> (B, C) scores; prediction = argmax over candidates.
 
-    Each candidate (answer token ids, no bos/eos) is teacher-forced after the sample's decoder prompt (default
-    `[bos]`; a prompt starts with bos): decoder input = prompt + answer, targets = prompt[1:] + answer + eos.
-    With `constrain`, logits at answer position k are masked to `trie.get_next_layer([bos] + answer[:k])` (the
-    trie defaults to one built from `candidates`), then log-softmax; the score is the **sum** of the answer and
-    eos log-probs (no length normalisation). Prompt positions do not count.
+    Each candidate (answer token ids, no bos/eos) is scored as if teacher-forced after the sample's decoder prompt
+    (default `[bos]`; a prompt starts with bos): decoder input = prompt + answer, targets = prompt[1:] + answer +
+    eos. With `constrain`, logits at answer position k are masked to `trie.get_next_layer([bos] + answer[:k])`
+    (the trie defaults to one built from `candidates`), then log-softmax; the score is the **sum** of the answer
+    and eos log-probs (no length normalisation). Prompt positions do not count.
+
+    The prompt runs through the decoder once and every shared answer prefix is computed once
+    (`model.candidates`, at most `rows_per_pass` query rows per pass); code-mode batches take OFA's way
+    (`score_candidates_naive`, `chunk_size` rows per pass). `lockstep` (distributed evaluation): every rank runs
+    the same number of decoder passes, an empty batch included.
     """
-    src = batch["src_tokens"]
-    bsz, device = src.shape[0], src.device
-    prompts = [[BOS]] * bsz if decoder_prompts is None else [list(map(int, p)) for p in decoder_prompts]
-    if len(prompts) != bsz or any(not p or p[0] != BOS for p in prompts):
-        raise ValueError("decoder_prompts needs one prompt per sample, each starting with bos")
-    cands = [list(map(int, c)) for c in candidates]
-    if constrain and constraint_trie is None:
-        constraint_trie = Trie.from_answers(cands, bos=BOS, eos=EOS)
+    code_masks = batch.get("code_masks")
+    if code_masks is not None and bool(code_masks.any()):
+        return score_candidates_naive(model, batch, candidates, decoder_prompts=decoder_prompts,
+                                      constraint_trie=constraint_trie, constrain=constrain, chunk_size=chunk_size,
+                                      lockstep=lockstep)
+    bsz = batch["src_tokens"].shape[0]
+    batch, prompts, cands, trie = _candidate_inputs(batch, candidates, decoder_prompts, constraint_trie, constrain,
+                                                    lockstep)
+    if batch is None:
+        return torch.zeros(0, len(cands))
+    scores = score_tree(model.decoder, encode(model, batch), prompts, cands, trie, bos=BOS, eos=EOS, pad=PAD,
+                        rows_per_pass=rows_per_pass, lockstep=lockstep)
+    return scores[:bsz]
+
+
+@torch.no_grad()
+def score_candidates_naive(
+    model,
+    batch: Mapping[str, torch.Tensor],
+    candidates: Sequence[Sequence[int]],
+    *,
+    decoder_prompts: Sequence[Sequence[int]] | None = None,
+    constraint_trie: Trie | None = None,
+    constrain: bool = True,
+    chunk_size: int = 20,
+    lockstep: Callable[[bool], bool] | None = None,
+) -> torch.Tensor:
+    """`score_candidates` the way OFA does it (the reference for tests and benchmarks/allcand.py): the encoder
+    output is shared, but every (sample, candidate) row re-runs the decoder over prompt + answer, `chunk_size`
+    rows per pass, with full-vocabulary logits at every position."""
+    bsz, device = batch["src_tokens"].shape[0], batch["src_tokens"].device
+    batch, prompts, cands, trie = _candidate_inputs(batch, candidates, decoder_prompts, constraint_trie, constrain,
+                                                    lockstep)
+    if batch is None:
+        return torch.zeros(0, len(cands))
     encoder_out = encode(model, batch)
     code_masks = batch.get("code_masks")
-    pairs = [(b, c) for b in range(bsz) for c in range(len(cands))]
-    scores = torch.full((bsz, len(cands)), -math.inf)
-    for start in range(0, len(pairs), chunk_size):
-        chunk = pairs[start:start + chunk_size]
+    pairs = [(b, c) for b in range(len(prompts)) for c in range(len(cands))]
+    scores = torch.full((len(prompts), len(cands)), -math.inf)
+    masks: dict[int, torch.Tensor] = {}  # per candidate, built once (OFA precomputes them when the task loads)
+
+    def run(chunk: list[tuple[int, int]], record: bool = True) -> None:
         inputs = [prompts[b] + cands[c] for b, c in chunk]
         width = max(len(x) for x in inputs)
         prev = torch.full((len(chunk), width), PAD, dtype=torch.long)
         target = torch.full((len(chunk), width), PAD, dtype=torch.long)
-        allowed = torch.ones(len(chunk), width, model_vocab(model), dtype=torch.bool) if constrain else None
+        allowed = None if trie is None else torch.ones(len(chunk), width, model_vocab(model), dtype=torch.bool)
         for i, ((b, c), x) in enumerate(zip(chunk, inputs)):
             prev[i, :len(x)] = torch.tensor(x)
             tgt = x[1:] + [EOS]
             p = len(prompts[b])
             target[i, p - 1:len(x)] = torch.tensor(tgt[p - 1:])  # prompt positions stay pad = ignored
-            if constrain:
-                for k in range(len(cands[c]) + 1):
-                    row = torch.zeros(allowed.shape[2], dtype=torch.bool)
-                    row[constraint_trie.get_next_layer([BOS, *cands[c][:k]])] = True
-                    allowed[i, p - 1 + k] = row
+            if trie is not None:
+                if c not in masks:
+                    masks[c] = trie.answer_masks(cands[c], allowed.shape[2], bos=BOS)
+                allowed[i, p - 1:len(x)] = masks[c]
         order = torch.tensor([b for b, _ in chunk], device=device)
         enc = _reorder_encoder_out(model, encoder_out, order)
         cm = None if code_masks is None else code_masks.index_select(0, order)
@@ -481,9 +584,14 @@ def score_candidates(
         picked = lprobs.gather(2, target.clamp(min=0)[:, :, None]).squeeze(2)
         picked = picked.masked_fill(target.eq(PAD), 0.0)
         totals = picked.sum(dim=1).cpu()
-        for i, (b, c) in enumerate(chunk):
-            scores[b, c] = totals[i]
-    return scores
+        if record:
+            for i, (b, c) in enumerate(chunk):
+                scores[b, c] = totals[i]
+
+    chunks = [pairs[start:start + chunk_size] for start in range(0, len(pairs), chunk_size)]
+    run_in_lockstep([lambda chunk=chunk: run(chunk) for chunk in chunks],
+                    lambda: run(pairs[:1], record=False), lockstep)
+    return scores[:bsz]
 
 
 def model_vocab(model) -> int:
@@ -493,5 +601,5 @@ def model_vocab(model) -> int:
     return int(model.decoder.embed_tokens.weight.shape[0])
 
 
-__all__ = ["GenerationConfig", "Hypothesis", "generate", "score_candidates", "next_token_lprobs",
-           "max_generation_len", "encode"]
+__all__ = ["GenerationConfig", "Hypothesis", "generate", "score_candidates", "score_candidates_naive",
+           "next_token_lprobs", "max_generation_len", "encode"]

@@ -84,10 +84,15 @@ class Collator:
     some example of the group carries a `constraint`.
     """
 
-    def __init__(self, cfg: ObjectivesConfig, composition: Composition, vocab_size: Optional[int] = None):
+    def __init__(self, cfg: ObjectivesConfig, composition: Composition, vocab_size: Optional[int] = None,
+                 task_ids: Optional[dict[str, int]] = None):
         self.cfg = cfg
         self.sizes = composition.group_sizes()
         self.vocab_size = vocab_size
+        # Pretraining: the objectives' TASKS order and groups. Finetuning passes its own {task name: id} (the
+        # index into the trainer's task list, e.g. {"refcoco": 0}); its examples all go to the "vl" group.
+        self.task_ids = dict(TASK_ID) if task_ids is None else dict(task_ids)
+        self.task_group = dict(TASK_GROUP) if task_ids is None else {t: "vl" for t in task_ids}
         spn = cfg.scaled.sample_patch_num
         # OFA samples patches on the image-text batch only on steps that also carry an auxiliary batch.
         self.sample_patch_num = {"vl": spn if "aux" in self.sizes else 0, "aux": 0}
@@ -95,7 +100,10 @@ class Collator:
     def __call__(self, examples: Iterable[dict]) -> dict[str, Any]:
         by_group: dict[str, list[dict]] = {g: [] for g in self.sizes}
         for ex in examples:
-            group = TASK_GROUP[ex["task"]]
+            if ex["task"] not in self.task_group:
+                raise ValueError(f"a {ex['task']!r} example arrived but this collator batches "
+                                 f"{', '.join(self.task_group)} examples")
+            group = self.task_group[ex["task"]]
             if group not in by_group:
                 raise ValueError(f"a {ex['task']} example arrived but group {group!r} has batch size 0 in this "
                                  f"composition")
@@ -157,7 +165,7 @@ class Collator:
             patch_masks[i] = bool(ex["patch_mask"])
             code_masks[i] = bool(ex.get("code_mask", False))
             conf[i] = float(ex["conf"])
-            task_ids[i] = TASK_ID[ex["task"]]
+            task_ids[i] = self.task_ids[ex["task"]]
             if cmask is not None and ex.get("constraint") is not None:
                 cmask[i] = constraint_mask(ex["constraint"], t_len, self.vocab_size)
         st["target_tokens"] = int((tgt != PAD).sum())
@@ -166,6 +174,10 @@ class Collator:
                            "task_ids": task_ids, "sample_patch_num": self.sample_patch_num[group]}
         if cmask is not None:
             out["constraint_masks"] = cmask
+        if any("references" in r for r in rows):
+            # SCST (finetune/scst.py) rewards generated captions against each row's reference captions: a plain
+            # list per row, [] for padding rows, never sent to the model
+            out["references"] = [list(r.get("references", [])) for r in rows] + [[] for _ in range(b - len(rows))]
         return out, st
 
 

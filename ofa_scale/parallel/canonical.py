@@ -153,7 +153,11 @@ def fp32_value(p: torch.Tensor, kind: str = MODEL, optimizer=None) -> torch.Tens
 
     if kind == MODEL:
         value = safe_get_full_fp32_param(p)
-        if value is None:
+        if value is None and hasattr(p, "ds_tensor"):
+            # a frozen parameter (finetuning's train.freeze_*) has no fp32 master: gather its ZeRO-3 partitions
+            value = torch.cat(collectives.all_gather(p.ds_tensor.detach().contiguous(), p.ds_process_group))
+            value = value[:p.ds_numel]
+        elif value is None:
             value = p.detach()
     else:
         value = safe_get_full_optimizer_state(p, kind)

@@ -23,6 +23,13 @@ Channels-last: every image is converted to NHWC as it enters the stem, and oneDN
 each convolution in the layout of its input, so the whole stem (convolutions, BatchNorms, ReLUs, residual adds)
 stays NHWC and its output's flatten + transpose into patch tokens is free. The weights keep their layout:
 DeepSpeed views every parameter as flat bytes (broadcast, ZeRO buffers), which a channels-last weight refuses.
+
+On CPU the stem's blocks are better left eager (benchmarks/model_step.py, ofa_tiny, batch 8, 256 px): inductor's
+generated code for the train-mode BatchNorm/ReLU/residual forward and backward takes more time than ATen's kernels
+it replaces (the convolutions are the same oneDNN calls either way), so compiling the stem is 1.17× the eager step
+in CPU time with channels-last, while the transformer layers alone compile to about the eager time. The fastest CPU
+step is channels-last with `scope="transformer"`; the trainer keeps `all`, which is what GPUs are expected to need
+(benchmarks/gpu_check.py measures both there).
 """
 
 from __future__ import annotations
@@ -35,12 +42,18 @@ from torch import nn
 from ofa_scale.errors import ConfigError
 
 
-def compiled_block_types() -> tuple[type, ...]:
-    """The module classes compiled one graph each: the transformer layers and the stem's Bottleneck blocks."""
+SCOPES = ("all", "transformer", "stem")
+
+
+def compiled_block_types(scope: str = "all") -> tuple[type, ...]:
+    """The module classes compiled one graph each: the transformer layers and/or the stem's Bottleneck blocks."""
     from ofa_scale.model.blocks import DecoderLayer, EncoderLayer
     from ofa_scale.model.resnet import Bottleneck
 
-    return (EncoderLayer, DecoderLayer, Bottleneck)
+    if scope not in SCOPES:
+        raise ConfigError(f"compile scope '{scope}' is not one of {', '.join(SCOPES)}")
+    return {"all": (EncoderLayer, DecoderLayer, Bottleneck), "transformer": (EncoderLayer, DecoderLayer),
+            "stem": (Bottleneck,)}[scope]
 
 
 def require_compiler() -> None:
@@ -64,12 +77,14 @@ def _channels_last_input(forward, images: torch.Tensor, *args, **kwargs):
     return forward(images.contiguous(memory_format=torch.channels_last), *args, **kwargs)
 
 
-def compile_model(model: nn.Module, *, compile: bool = True, channels_last: bool = False) -> nn.Module:  # noqa: A002
+def compile_model(model: nn.Module, *, compile: bool = True, channels_last: bool = False,  # noqa: A002
+                  scope: str = "all") -> nn.Module:
     """With `compile`, compile every encoder/decoder layer and stem block of `model` in place (any module holding
-    an OFA model); with `channels_last`, run the stem NHWC. Returns `model` (the same object)."""
+    an OFA model; `scope` "transformer" or "stem" compiles only those, for benchmarks/model_step.py to tell the two
+    apart); with `channels_last`, run the stem NHWC. Returns `model` (the same object)."""
     from ofa_scale.model.resnet import ResNetStem
 
-    blocks = [m for m in model.modules() if isinstance(m, compiled_block_types())]
+    blocks = [m for m in model.modules() if isinstance(m, compiled_block_types(scope))]
     if not blocks:
         raise ConfigError("train.compile/train.channels_last found no OFA encoder/decoder layer or ResNet stem in "
                           "this model; set both to false")

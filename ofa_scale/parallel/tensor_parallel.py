@@ -11,6 +11,8 @@ gradient megatron all-reduces over the TP group. Their gradients are therefore i
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -127,6 +129,10 @@ class TensorParallelLayerFactory:
             tensor_model_parallel_size=tp_size, use_cpu_initialization=True, perform_initialization=True,
             params_dtype=params_dtype, sequence_parallel=False)
         self._column, self._row, self._vocab = _megatron_classes()
+        # Inference (generation, all-candidate scoring) needs every vocabulary entry on every rank: beam search,
+        # tries and constraint ranges index the real vocabulary. `full_vocabulary_logits` turns this on.
+        self.full_logits = False
+        self.real_vocab_size: int | None = None
 
     # -- what the model asks for ------------------------------------------------------------------------------
     def column_linear(self, in_features: int, out_features: int, bias: bool = True) -> nn.Module:
@@ -151,6 +157,7 @@ class TensorParallelLayerFactory:
         emb = self._vocab(total, dim, init_method=_normal_init, config=self.config, tp_group=self.group,
                           padding_idx=padding_idx)
         emb.real_num_embeddings = num
+        self.real_vocab_size = num
         if padding_idx is not None and emb.vocab_start_index <= padding_idx < emb.vocab_end_index:
             with torch.no_grad():  # fairseq zeroes the padding row at init
                 emb.weight[padding_idx - emb.vocab_start_index].zero_()
@@ -162,7 +169,18 @@ class TensorParallelLayerFactory:
 
         if self.tp_size > 1:  # identity forward; backward sums the input gradient over TP
             x = copy_to_tensor_model_parallel_region(x, group=self.group)
-        return F.linear(x, embedding.weight)
+        logits = F.linear(x, embedding.weight)
+        if not self.full_logits:
+            return logits
+        if self.tp_size > 1:
+            if logits.requires_grad:
+                raise RuntimeError("full_vocabulary_logits is for inference (generation, candidate scoring): run it "
+                                   "under torch.no_grad(); training takes the vocabulary-split logits")
+            # not megatron's gather: it allocates on torch.cuda.current_device() (so CPU runs fail) and bypasses
+            # the collectives module's device check
+            logits = torch.cat(collectives.all_gather(logits, self.group), dim=-1)
+        # the padded rows (vocabulary rounded up to a multiple of tp) are not tokens
+        return logits[..., :self.real_vocab_size] if self.real_vocab_size else logits
 
     def ffn_layernorm(self, dim: int, eps: float = 1e-5) -> nn.Module:
         if self.tp_size == 1:
@@ -179,6 +197,23 @@ class TensorParallelLayerFactory:
         """[start, end) of the padded vocabulary this rank's logits cover."""
         per = (self.padded_vocab_size or 0) // self.tp_size
         return self.tp_rank * per, (self.tp_rank + 1) * per
+
+
+@contextlib.contextmanager
+def full_vocabulary_logits(model: nn.Module):
+    """Within this block the model's logits cover the whole real vocabulary on every tensor-parallel rank
+    (gathered over the TP group, padding rows cut), as generation and candidate scoring need; training keeps the
+    vocabulary-split logits of the vocab-parallel loss. A no-op for a model built without the TP factory."""
+    factories = {id(f): f for f in (getattr(m, "factory", None) for m in model.modules())
+                 if isinstance(f, TensorParallelLayerFactory)}
+    before = {k: f.full_logits for k, f in factories.items()}
+    for f in factories.values():
+        f.full_logits = True
+    try:
+        yield model
+    finally:
+        for k, f in factories.items():
+            f.full_logits = before[k]
 
 
 def mark_split_parameters(model: nn.Module, full_shapes: dict[str, torch.Size]) -> dict[str, int]:

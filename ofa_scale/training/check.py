@@ -81,7 +81,7 @@ def check_config(cfg, world_size: int) -> str:
     model_cfg = workload.model_config
     with torch.device("meta"):
         model = OFAModel(model_cfg, layers=ShapeOnlyTPFactory(layout.tp, layout.padded_vocab_size))
-    vl = cfg.objectives.vl
+    vl = workload.objectives.vl  # a finetuning workload has its task's shapes
     if layout.pp > 1:
         blocks = list(layout.stage_layers) if layout.partition == "explicit" else balanced_split(
             block_costs(model_cfg, layout.partition, vl.image_size, vl.source_length, vl.target_length, layout.tp),

@@ -40,6 +40,7 @@ from ofa_scale.utils.io import atomic_write_bytes, atomic_write_json, atomic_wri
 
 CHECKPOINT_FORMAT_VERSION = 1
 LATEST = "latest"
+BEST = "best"  # finetuning: the best checkpoint by the validation metric (ofa_scale/finetune/best.py)
 TRAINER_RECORD = "trainer.json"
 
 
@@ -158,18 +159,18 @@ def load_rank_state(point: ResumePoint, rank: int) -> dict[str, Any]:
 
 
 def _prune(ckpt_dir: Path, keep: int, current: str) -> None:
-    """Keep the newest `keep` complete checkpoints up to `current`, and always `current` and the one `latest`
-    publishes: when a run writes only non-finite checkpoints for a while, the last finite one survives."""
+    """Keep the newest `keep` complete checkpoints up to `current`, and always `current` and the ones `latest` and
+    `best` publish: when a run writes only non-finite checkpoints for a while, the last finite one survives."""
     if keep <= 0:
         return
-    published = published_tag(ckpt_dir)
+    pinned = {published_tag(ckpt_dir), published_tag(ckpt_dir, BEST)}
     tags = sorted(p.name for p in ckpt_dir.glob("step_*") if p.is_dir())
     complete = [t for t in tags if t <= current and is_complete(ckpt_dir / t)]
     for tag in complete[:-keep]:
-        if tag not in (current, published):
+        if tag != current and tag not in pinned:
             shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
     for tag in tags:  # incomplete leftovers older than the newest checkpoint are dead weight
-        if tag < current and tag not in complete and tag != published:
+        if tag < current and tag not in complete and tag not in pinned:
             shutil.rmtree(ckpt_dir / tag, ignore_errors=True)
 
 
@@ -177,10 +178,11 @@ def _is_finite(record: dict[str, Any]) -> bool:
     return record.get("finite", True) is not False
 
 
-def published_tag(ckpt_dir: Path) -> Optional[str]:
-    """The tag `latest` names, or None when there is no pointer or it names no step directory."""
+def published_tag(ckpt_dir: Path, pointer: str = LATEST) -> Optional[str]:
+    """The tag `latest` (or another pointer file) names, or None when there is no pointer or it names no step
+    directory."""
     try:
-        tag = (ckpt_dir / LATEST).read_text().strip()
+        tag = (ckpt_dir / pointer).read_text().strip()
     except (OSError, UnicodeDecodeError):
         return None
     return tag if tag.startswith("step_") and (ckpt_dir / tag).is_dir() else None

@@ -1,9 +1,11 @@
 """The training config tree: one YAML file → typed dataclasses, validated before any process group starts.
 
 Sections: model, data, objectives, optim, schedule, train, precision (+ loss_scale), parallel, deepspeed,
-logging. `load_training_config(path, overrides)` reads the YAML, applies `--set a.b=c` overrides and checks every
-value that can be checked without a process group; `check_world(cfg, world_size)` adds the batch arithmetic that
-needs the launcher's world size (ofa_scale.training.loop.prepare then checks data, model and parallel layout).
+logging, task. An empty `task.name` is OFA multitask pretraining (data.root); a named task is a finetuning recipe
+(data.train / data.valid, train.epochs; ofa_scale/finetune/). `load_training_config(path, overrides)` reads the
+YAML, applies `--set a.b=c` overrides and checks every value that can be checked without a process group;
+`check_world(cfg, world_size)` adds the batch arithmetic that needs the launcher's world size
+(ofa_scale.training.loop.prepare then checks data, model and parallel layout).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from ofa_scale.errors import ConfigError
+from ofa_scale.finetune.config import TaskSection
 from ofa_scale.objectives.config import ObjectivesConfig
 from ofa_scale.parallel.layout import ParallelConfig
 from ofa_scale.utils.config import apply_overrides, from_dict, load_yaml, to_dict
@@ -30,7 +33,9 @@ CONFIG_FORMAT_VERSION = 1
 @dataclass
 class ModelSection:
     arch: str = ""  # an OFAConfig preset name (ofa_tiny … ofa_huge)
-    pretrained: Optional[str] = None  # a released OFA checkpoint to continue pretraining from (load_pretrained)
+    # Weights to start from: a released OFA .pt, an ofa-convert model dir or an ofa-train run dir (its best
+    # checkpoint when it has one, else latest; EMA weights when stored). The optimizer and step count start fresh.
+    pretrained: Optional[str] = None
     overrides: dict[str, Any] = field(default_factory=dict)  # OFAConfig fields, e.g. {encoder_layers: 2}
 
 
@@ -45,7 +50,9 @@ class DataSection:
     """Where the shards are and how they are streamed. The loader's composition, stream count and seed are not
     set here: the trainer derives them from objectives.mix, the batch sizes and train.seed (one source of truth)."""
 
-    root: str = ""  # an `ofa-preprocess shards` output directory (holds manifest.json)
+    root: str = ""  # pretraining: an `ofa-preprocess shards` output directory (holds manifest.json)
+    train: str = ""  # finetuning: the training shards (`ofa-preprocess shards --format <task source>` output)
+    valid: str = ""  # finetuning: the validation shards (same format)
     negatives: Optional[str] = None  # ITM negative-sample files; default: <root>/negatives
     tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
     num_workers: int = 1  # DataLoader worker processes per rank (decode + example building + collate)
@@ -79,7 +86,16 @@ class ScheduleSection:
 
 @dataclass
 class TrainSection:
+    # Pretraining: the number of updates. Finetuning: a cap on the updates the epochs give (0 = no cap).
     steps: int = 0
+    # Finetuning: passes over data.train; updates = epochs x (samples // global batch) (the loader's exact-epoch
+    # mode drops the last partial global batch of each pass, counted in data/dropped_epoch_remainder).
+    epochs: int = 0
+    ema_decay: float = 0.0  # finetuning: fp32 EMA of the weights, used for validation and evaluation (0 = off)
+    ema_start: int = 0  # the update from which the EMA is updated (OFA --ema-start-update)
+    freeze_encoder_embedding: bool = False  # finetuning: keep the encoder token embedding fixed
+    freeze_decoder_embedding: bool = False  # finetuning: keep the decoder token embedding fixed
+    freeze_resnet: bool = False  # finetuning: keep the ResNet fixed, BatchNorm statistics included
     seed: int = 7  # OFA's --pretrain-seed
     global_batch_size: int = 0  # image-text rows per optimizer step, over all data-parallel ranks
     micro_batch_size: int = 0  # image-text rows per forward pass on one rank
@@ -130,7 +146,12 @@ class TrainingConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+    task: TaskSection = field(default_factory=TaskSection)
     format_version: int = CONFIG_FORMAT_VERSION
+
+    @property
+    def finetuning(self) -> bool:
+        return self.task.enabled
 
     def validate(self) -> None:
         """Checks that need no world size. Each message is one sentence naming the fix."""
@@ -138,9 +159,13 @@ class TrainingConfig:
             raise ConfigError(f"config format_version {self.format_version} is not supported; "
                               f"this ofa-scale reads version {CONFIG_FORMAT_VERSION}")
         _require(self.model.arch, "model.arch", "an OFA preset such as ofa_tiny or ofa_base")
-        _require(self.data.root, "data.root", "an `ofa-preprocess shards` output directory")
+        self.task.validate()
+        if self.finetuning:
+            self._validate_finetuning()
+        else:
+            self._validate_pretraining()
         _require(self.data.tokenizer.path, "data.tokenizer.path", "the tokenizer directory")
-        for name in ("steps", "global_batch_size", "micro_batch_size", "log_interval", "ckpt_interval"):
+        for name in ("global_batch_size", "micro_batch_size", "log_interval", "ckpt_interval"):
             value = getattr(self.train, name)
             if value < 1:
                 raise ConfigError(f"train.{name} is {value}; set it to a positive integer")
@@ -162,7 +187,8 @@ class TrainingConfig:
         s = self.schedule
         if not 0.0 <= s.warmup_ratio < 1.0:
             raise ConfigError(f"schedule.warmup_ratio is {s.warmup_ratio}; use a fraction in [0, 1)")
-        if s.warmup_steps is not None and not 0 <= s.warmup_steps < self.train.steps:
+        # finetuning with train.steps 0 checks again once the epochs give the number of updates
+        if s.warmup_steps is not None and self.train.steps and not 0 <= s.warmup_steps < self.train.steps:
             raise ConfigError(f"schedule.warmup_steps={s.warmup_steps} must be in [0, train.steps={self.train.steps})")
         if not 0.0 <= s.end_lr <= o.lr:
             raise ConfigError(f"schedule.end_lr={s.end_lr} must be between 0 and optim.lr={o.lr}")
@@ -182,9 +208,47 @@ class TrainingConfig:
             raise ConfigError("train.max_nonfinite_steps must be >= 1 (non-finite steps in a row before the run "
                               "stops)")
         self.objectives.validate()
+
+    def _validate_pretraining(self) -> None:
+        _require(self.data.root, "data.root", "an `ofa-preprocess shards` output directory")
+        for key in ("train", "valid"):
+            if getattr(self.data, key):
+                raise ConfigError(f"data.{key} is a finetuning setting but task.name is empty (pretraining reads "
+                                  f"data.root); set task.name or remove data.{key}")
+        if self.train.steps < 1:
+            raise ConfigError(f"train.steps is {self.train.steps}; set it to a positive integer")
+        if self.train.epochs:
+            raise ConfigError("train.epochs is a finetuning setting (pretraining runs train.steps updates over "
+                              "resampled data); remove it or set task.name")
+        if self.train.ema_decay or self.train.freeze_encoder_embedding or self.train.freeze_decoder_embedding \
+                or self.train.freeze_resnet:
+            raise ConfigError("train.ema_decay and train.freeze_* are finetuning settings that pretraining does "
+                              "not apply; remove them or set task.name")
         if self.objectives.drop_worst_ratio > 0:
             raise ConfigError("objectives.drop_worst_ratio is a caption-finetuning option that ofa-train's "
                               "pretraining loss does not apply; set it to 0")
+
+    def _validate_finetuning(self) -> None:
+        name = self.task.name
+        _require(self.data.train, "data.train", f"the `ofa-preprocess shards --format {name}` training shards")
+        _require(self.data.valid, "data.valid", f"the `ofa-preprocess shards --format {name}` validation shards")
+        if self.data.root:
+            raise ConfigError(f"data.root is the pretraining corpus but task.name is {name!r} (finetuning reads "
+                              f"data.train and data.valid); remove data.root")
+        if self.train.epochs < 1:
+            raise ConfigError(f"train.epochs is {self.train.epochs}; finetuning needs a positive number of passes "
+                              f"over data.train (train.steps is only a cap)")
+        if self.train.steps < 0:
+            raise ConfigError(f"train.steps is {self.train.steps}; use 0 (no cap) or a positive cap on the updates")
+        if not 0.0 <= self.train.ema_decay < 1.0 or self.train.ema_start < 0:
+            raise ConfigError(f"train.ema_decay is {self.train.ema_decay} and train.ema_start "
+                              f"{self.train.ema_start}; use a decay in [0, 1) (0 = off, OFA 0.9999) and a start >= 0")
+        if self.parallel.pp > 1:
+            why = ("SCST generates hypotheses inside the training step" if self.task.criterion == "scst"
+                   else "validation generates with the whole model on every rank")
+            raise ConfigError(f"parallel.pp={self.parallel.pp} cannot run finetuning task {name!r}: {why}, which "
+                              f"the pipeline engine cannot run; use parallel.pp=1 (tensor parallelism and ZeRO-3 "
+                              f"work)")
 
     # ---- numbers derived once the world size is known -------------------------------------------------------
     def micro_batches_per_step(self) -> int:

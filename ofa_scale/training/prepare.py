@@ -10,7 +10,8 @@ checkpointing, compilation, device.
    with the layout-independent initial weights of `ofa_scale/model/init.py`, one full tensor at a time, each rank
    keeping only its slice, so every layout starts from exactly the single-process model's weights while no rank
    holds more than its shard plus one tensor. `fill(model)` replaces this (resume from the layout-free
-   checkpoint); `model.pretrained` is then loaded on top, shard by shard.
+   checkpoint); `model.pretrained` is then loaded on top, shard by shard. Finetuning's `train.freeze_*` flags
+   are applied next (finetune/freeze.py), before DeepSpeed sees which parameters require gradients.
 3. **dtype**: DeepSpeed casts parameters; BatchNorm statistics must follow (the stem's batch_norm refuses bf16
    weights with fp32 statistics), so buffers are cast here.
 4. **Activation checkpointing** (pp == 1: each encoder/decoder layer's forward is recomputed in backward; pp > 1:
@@ -118,6 +119,17 @@ def apply_activation_checkpointing(model: nn.Module) -> int:
     return count
 
 
+def freeze_from_config(cfg, module: nn.Module) -> None:
+    """Finetuning's train.freeze_* flags (finetune/freeze.py): requires_grad is set here, before DeepSpeed sees the
+    parameters, so frozen ones never enter the optimizer."""
+    t = cfg.train
+    if t.freeze_encoder_embedding or t.freeze_decoder_embedding or t.freeze_resnet:
+        from ofa_scale.finetune.freeze import apply_freezing
+
+        apply_freezing(module, encoder_embedding=t.freeze_encoder_embedding,
+                       decoder_embedding=t.freeze_decoder_embedding, resnet=t.freeze_resnet)
+
+
 def prepare_model(cfg, ctx, model_config, *, seed: int, device: torch.device, dtype: torch.dtype,
                   fill: Optional[Callable[[nn.Module], None]] = None,
                   pretrained: Optional[Callable[[nn.Module], None]] = None,
@@ -131,6 +143,7 @@ def prepare_model(cfg, ctx, model_config, *, seed: int, device: torch.device, dt
     materialise(ctx, module, model_config, seed, is_meta, fill)
     if pretrained is not None and fill is None:
         pretrained(module)
+    freeze_from_config(cfg, module)
     if layout.pp == 1 and layout.activation_checkpointing:
         apply_activation_checkpointing(module)
     if cfg.train.compile or cfg.train.channels_last:

@@ -7,6 +7,12 @@ global count N (per batch group with `per_group`): objectives/loss.py. Each micr
 micro-batch of every rank that is exactly the single-process loss of the whole global batch. DeepSpeed
 divides each backward by gradient_accumulation_steps and averages gradients over data-parallel ranks, so the
 value handed to `engine.backward` is multiplied back by both.
+
+Drop-worst (caption stage 1, spec §6.1 step 5): with `drop_worst_ratio` r > 0 each group of each micro-batch keeps
+its floor((1 − r)·N) smallest token losses (TokenLosses.drop_worst), and the denominators count exactly those kept
+tokens, so the loss stays independent of the data-parallel size. The trainer passes
+`cfg.objectives.drop_worst_ratio_at(step − 1)` (fairseq's update_num counts the updates finished before this one),
+which is 0 until OFA's `drop_worst_after`.
 """
 
 from __future__ import annotations
@@ -52,9 +58,11 @@ class LossSettings:
 
 
 def step_denominators(ctx, micro_batches: Sequence[MicroBatch], groups: Sequence[str],
-                      settings: LossSettings) -> dict[str, float]:
-    """{group: denominator} for this step, the same on every rank (objectives/loss.py)."""
-    return global_loss_denominators(micro_batches, groups, settings.normalization, settings.pad, ctx.dp_group)
+                      settings: LossSettings, drop_worst_ratio: float = 0.0) -> dict[str, float]:
+    """{group: denominator} for this step, the same on every rank (objectives/loss.py); with drop-worst, the
+    global count of kept tokens."""
+    return global_loss_denominators(micro_batches, groups, settings.normalization, settings.pad, ctx.dp_group,
+                                    drop_worst_ratio=drop_worst_ratio)
 
 
 def record_group(acc: TaskAccumulator, group_batch: dict, tl: TokenLosses, pad: int) -> None:
@@ -65,16 +73,18 @@ def record_group(acc: TaskAccumulator, group_batch: dict, tl: TokenLosses, pad: 
 
 
 def run_step(engine, ctx, micro_batches: Sequence[MicroBatch], groups: Sequence[str],
-             to_inputs: Callable[[str, dict, int], dict], loss: LossSettings, acc: TaskAccumulator) -> None:
-    """Forward/backward every micro-batch of this rank for one optimizer step; the last engine.step() updates."""
+             to_inputs: Callable[[str, dict, int], dict], loss: LossSettings, acc: TaskAccumulator,
+             drop_worst_ratio: float = 0.0) -> None:
+    """Forward/backward every micro-batch of this rank for one optimizer step; the last engine.step() updates.
+    `drop_worst_ratio`: this update's drop-worst ratio (module docstring; 0 = keep every token)."""
     dp = ctx.dp_size
     gas = len(micro_batches)
     token_loss = make_token_loss(ctx, loss.epsilon, loss.pad)
-    denom = step_denominators(ctx, micro_batches, groups, loss)
+    denom = step_denominators(ctx, micro_batches, groups, loss, drop_worst_ratio)
     for m, mb in enumerate(micro_batches):
         present = [g for g in groups if g in mb]
         logits = engine({g: to_inputs(g, mb[g], m) for g in present})
-        total, token_losses = micro_batch_loss(token_loss, logits, mb, denom)
+        total, token_losses = micro_batch_loss(token_loss, logits, mb, denom, drop_worst_ratio=drop_worst_ratio)
         for g, tl in token_losses.items():
             record_group(acc, mb[g], tl, loss.pad)
         acc.add_objective(float(total.detach()))

@@ -3,7 +3,8 @@
     trainer = Trainer(cfg, run_dir, resume=True)
     summary = trainer.fit()          # build(); for each step: step(); evaluate() when due; save() when due
 
-A recipe extends it by overriding the hooks it needs (`make_workload`, `evaluate`, `extra_record`), never by copying
+A recipe extends it by overriding the hooks it needs (`make_workload`, `evaluation_due`, `evaluate`,
+`forward_backward`, `rank_state`, `write_checkpoint_extra`; ofa_scale/finetune/trainer.py), never by copying
 the loop. What each part owns:
 
 * process groups: `collectives.init_default_group` (the NCCL/gloo policy), then DeepSpeed and megatron-core;
@@ -40,6 +41,7 @@ from ofa_scale.training.memory import MemoryMeter
 from ofa_scale.training.metrics import MetricsFile, StepTimer, TaskAccumulator, console_line
 from ofa_scale.training.run_dir import RunDir, open_run_dir
 from ofa_scale.training.stop import StopRequest
+from ofa_scale.training.zero3_master import share_fp32_master
 from ofa_scale.utils.config import flatten
 
 class NonFiniteTraining(UserError):
@@ -65,13 +67,12 @@ def plan(cfg: TrainingConfig, world_size: int, workload=None):
     """Everything that can fail because of the user, before any process group: batch arithmetic, tokenizer,
     shards, model config, objective composition, parallel layout. Returns (workload, layout, grad_accum)."""
     from ofa_scale.training.pipeline_step import pipeline_micro_batches
-    from ofa_scale.training.workload import OFAPretraining
 
     grad_accum = check_world(cfg, world_size)
     if cfg.precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("precision=fp16 needs a GPU (DeepSpeed's CPU accelerator has no fp16 kernels); "
                           "use precision=bf16 or fp32 on CPU")
-    workload = workload or OFAPretraining(cfg)
+    workload = workload or default_workload(cfg)
     # parallel.micro_batches (the pipeline schedule length) is the gradient accumulation the batch sizes imply;
     # a pipeline runs each group (vl, aux) of a loader micro-batch as its own micro-batch (pipeline_step.py)
     schedule = grad_accum
@@ -80,6 +81,17 @@ def plan(cfg: TrainingConfig, world_size: int, workload=None):
     parallel = dataclasses.replace(cfg.parallel, micro_batches=schedule)
     layout = validate_layout(parallel, workload.model_config, world_size)
     return workload, layout, grad_accum
+
+
+def default_workload(cfg: TrainingConfig):
+    """A finetuning recipe's workload when task.name is set, else OFA multitask pretraining."""
+    if cfg.finetuning:
+        from ofa_scale.finetune.workload import FinetuneWorkload
+
+        return FinetuneWorkload(cfg)
+    from ofa_scale.training.workload import OFAPretraining
+
+    return OFAPretraining(cfg)
 
 
 class Trainer:
@@ -92,6 +104,8 @@ class Trainer:
         self.stop = stop or StopRequest(stop_after)
         self.stop.stop_after = stop_after if stop_after is not None else self.stop.stop_after
         self.workload, self.layout, self.grad_accum = plan(cfg, self.launch.world_size, self.make_workload())
+        # the workload may resolve derived values (finetuning: train.steps from train.epochs)
+        self.cfg = cfg = self.workload.cfg
         # rank 0 holds RUN_DIR/train.lock for the run's life: a second trainer on the same run dir is refused
         self.run_lock = RunDir(Path(run_dir)).lock() if self.launch.rank == 0 else None
         self.run, self.point = open_run_dir(run_dir, resume)
@@ -115,6 +129,14 @@ class Trainer:
 
     def evaluation_due(self, step: int) -> bool:
         return False
+
+    def forward_backward(self, step: int, micro_batches: list, to_inputs, acc: TaskAccumulator) -> None:
+        """Forward, loss, backward and engine.step() over this rank's micro-batches of one update (pp = 1)."""
+        from ofa_scale.training.step import run_step
+
+        # fairseq hands the criterion the number of updates done before this one (0 on the first step)
+        run_step(self.engine, self.ctx, micro_batches, self.workload.groups, to_inputs, self.loss_settings, acc,
+                 drop_worst_ratio=self.cfg.objectives.drop_worst_ratio_at(step - 1))
 
     # ---- build ---------------------------------------------------------------------------------------------------
     def build(self) -> None:
@@ -187,6 +209,7 @@ class Trainer:
         self.engine, _, _, self.lr_scheduler = deepspeed.initialize(
             model=wrapped, model_parameters=[p for p in wrapped.parameters() if p.requires_grad], config=ds_config,
             lr_scheduler=scheduler_factory(schedule_from_config(cfg)), mpu=ctx.mpu if layout.pp == 1 else None)
+        share_fp32_master(self.engine)  # before any load: the masters and parameters then hold the same values
         if self.from_canonical:
             load_canonical_optimizer(point.tag_dir, ctx, self.engine, self.lr_scheduler)
         elif point is not None:
@@ -257,7 +280,6 @@ class Trainer:
     def step(self, step: int) -> dict[str, Any]:
         """One optimizer step over this rank's micro-batches; returns the step's record (same on every rank)."""
         from ofa_scale.training.pipeline_step import reduce_metrics, run_pipeline_step
-        from ofa_scale.training.step import run_step
 
         micro_batches = [next(self.batches) for _ in range(self.grad_accum)]
         acc = TaskAccumulator(self.workload.tasks)
@@ -271,8 +293,7 @@ class Trainer:
                               self.loss_settings, acc, self.pipeline_loss)
             reduce_metrics(acc)  # the last stage's numbers, now on every rank (rank 0 logs them)
         else:
-            run_step(self.engine, self.ctx, micro_batches, self.workload.groups, to_inputs, self.loss_settings,
-                     acc)
+            self.forward_backward(step, micro_batches, to_inputs, acc)
             acc.all_reduce(self.ctx.dp_group)
         dt = self.timer.stop()
         record = self._step_record(step, acc, lr, dt)
@@ -329,7 +350,6 @@ class Trainer:
     def save(self, step: int) -> Optional[Path]:
         """Collective: a checkpoint at `step` (skipped, with a warning, when the weights are not finite)."""
         from ofa_scale.data.loader import merge_loader_states
-        from ofa_scale.training.layout_resume import write_canonical
 
         if not self.weights_finite():
             if self.is_main:
@@ -347,14 +367,22 @@ class Trainer:
             "config": self.cfg.to_dict(),
             "finite": True,
         }
-        ctx, engine, cfg = self.ctx, self.engine, self.cfg
         tag_dir = save_checkpoint(
-            engine, self.run.checkpoints, step, self.rank, {"rng": rng_state()}, record,
-            keep=cfg.train.keep_checkpoints,
-            write_extra=lambda d: write_canonical(ctx, engine, d, self.workload.model_config, step, self.lr_scheduler))
+            self.engine, self.run.checkpoints, step, self.rank, self.rank_state(), record,
+            keep=self.cfg.train.keep_checkpoints, write_extra=lambda d: self.write_checkpoint_extra(d, step))
         if self.is_main:
             print(f"ofa-train: checkpoint {tag_dir}", flush=True)
         return tag_dir
+
+    def rank_state(self) -> dict[str, Any]:
+        """What this rank stores in its checkpoint file (rank_XXXXX.pt); recipes add their per-rank state."""
+        return {"rng": rng_state()}
+
+    def write_checkpoint_extra(self, tag_dir: Path, step: int) -> None:
+        """Collective: files added to a checkpoint before it is published (the layout-free copy)."""
+        from ofa_scale.training.layout_resume import write_canonical
+
+        write_canonical(self.ctx, self.engine, tag_dir, self.workload.model_config, step, self.lr_scheduler)
 
     # ---- the loop --------------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
@@ -396,9 +424,18 @@ class Trainer:
                 status = "FINISHED"
                 self._write_status("finished", cfg.train.steps)
         finally:
+            # End the loader's worker processes now. They ignore SIGTERM (data/loader_workers.py), so at interpreter
+            # exit multiprocessing's handler, which terminates and then joins daemonic children, would wait forever.
+            batches = getattr(self, "batches", None)
+            if batches is not None:
+                batches.close()
             if self.metrics_file is not None:
                 self.metrics_file.close()
             if self.tracker is not None:
+                if status == "FINISHED":  # pictures of the run next to its metrics (a failure only warns)
+                    from ofa_scale.evaluation.report import log_to_tracker
+
+                    log_to_tracker(self.tracker, self.run.root)
                 self.tracker.finish(status if status != "FAILED" else "KILLED" if _interrupted() else "FAILED")
         if self.is_main:
             peak = self.memory.summary()
@@ -445,7 +482,8 @@ class Trainer:
 
         cfg = self.cfg
         saved = point.record.get("config", {})
-        for section, keys in (("train", ("global_batch_size", "micro_batch_size", "seed")), ("data", ("root",))):
+        for section, keys in (("train", ("global_batch_size", "micro_batch_size", "seed")),
+                              ("data", ("root", "train"))):
             for key in keys:
                 old = saved.get(section, {}).get(key)
                 new = getattr(getattr(cfg, section), key)
@@ -479,7 +517,7 @@ class Trainer:
             tracker.log_artifact(run.config)
             tracker.log_artifact(run.ds_config)
             tracker.log_artifact(run.layout)
-            tracker.log_artifact(Path(cfg.data.root) / "manifest.json", "data")
+            tracker.log_artifact(Path(cfg.data.root or cfg.data.train) / "manifest.json", "data")
         tracker.set_tags({"run_dir": str(run.root.resolve())})
         return tracker
 

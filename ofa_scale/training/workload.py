@@ -23,30 +23,17 @@ class OFAPretraining:
     """OFA multitask pretraining for one TrainingConfig: tokenizer, model config, loader, model inputs, MFU."""
 
     def __init__(self, cfg):
-        from ofa_scale.data.tokenizer import load_tokenizer
-        from ofa_scale.model.config import OFAConfig
-
         self.cfg = cfg
         root = Path(cfg.data.root)
         if not (root / "manifest.json").is_file():
             raise UserError(f"data.root {root} holds no manifest.json; point it at the output of "
                             f"`ofa-preprocess shards`")
-        if cfg.model.pretrained and not Path(cfg.model.pretrained).exists():
-            raise UserError(f"model.pretrained {cfg.model.pretrained} does not exist; point it at an OFA .pt "
-                            f"checkpoint or an ofa-scale model directory, or set it to null to train from scratch")
-        self.tokenizer = load_tokenizer(cfg.data.tokenizer.kind, cfg.data.tokenizer.path,
-                                        num_bins=cfg.objectives.num_bins)
-        overrides = dict(cfg.model.overrides)
-        if "vocab_size" in overrides:
-            raise ConfigError("model.overrides.vocab_size is set by the tokenizer (len(tokenizer)); remove it")
-        try:
-            self.model_config = OFAConfig.preset(cfg.model.arch, vocab_size=len(self.tokenizer), **overrides)
-        except TypeError as e:
-            raise ConfigError(f"model.overrides: {e}; use OFAConfig field names such as encoder_layers") from None
+        self.tokenizer, self.model_config = tokenizer_and_model_config(cfg)
         self.pad = int(self.tokenizer.pad)
         self.tasks = list(TASKS)
         self.groups = list(GROUPS)
         self.negatives_dir = Path(cfg.data.negatives) if cfg.data.negatives else root / "negatives"
+        self.objectives = cfg.objectives  # a finetuning workload builds its own (one "vl" group)
         self._flops: Optional[int] = None
         self.composition()  # ratio/micro-batch mismatches fail here, before any process group
 
@@ -59,7 +46,7 @@ class OFAPretraining:
     def pipeline_shapes(self) -> dict:
         """What the pipeline builder balances stages for: the image-text group's shapes. With two groups (vl, aux)
         micro-batches differ in shape, so every send carries its shape (DeepSpeed's dynamic_shape)."""
-        vl = self.cfg.objectives.vl
+        vl = self.objectives.vl
         return dict(seed=self.cfg.train.seed, image_size=vl.image_size, src_len=vl.source_length,
                     tgt_len=vl.target_length, dynamic_shape=len(self.composition().group_sizes()) > 1)
 
@@ -67,7 +54,7 @@ class OFAPretraining:
     def composition(self):
         from ofa_scale.objectives.batching import Composition
 
-        return Composition.from_config(self.cfg.objectives, self.cfg.train.micro_batch_size)
+        return Composition.from_config(self.objectives, self.cfg.train.micro_batch_size)
 
     def loader_config(self):
         from ofa_scale.data.loader_config import LoaderConfig
@@ -125,7 +112,7 @@ class OFAPretraining:
         """Model FLOPs of one optimizer step (all micro-batches of all ranks; fixed shapes make it a constant)."""
         from ofa_scale.model.flops import step_flops
 
-        obj = self.cfg.objectives
+        obj = self.objectives
         sizes = self.composition().group_sizes()
         spn = obj.scaled.sample_patch_num if "aux" in sizes else 0
         total = 0
@@ -148,6 +135,26 @@ class OFAPretraining:
         return self._flops / seconds / (peak * 1e12 * world_size)
 
 
+def tokenizer_and_model_config(cfg):
+    """The run's tokenizer and the model config it sizes (vocabulary = len(tokenizer)); checks model.pretrained."""
+    from ofa_scale.data.tokenizer import load_tokenizer
+    from ofa_scale.model.config import OFAConfig
+
+    if cfg.model.pretrained and not Path(cfg.model.pretrained).exists():
+        raise UserError(f"model.pretrained {cfg.model.pretrained} does not exist; point it at an OFA .pt "
+                        f"checkpoint, an ofa-scale model directory or an ofa-train run directory, or set it to null "
+                        f"to train from scratch")
+    tokenizer = load_tokenizer(cfg.data.tokenizer.kind, cfg.data.tokenizer.path, num_bins=cfg.objectives.num_bins)
+    overrides = dict(cfg.model.overrides)
+    if "vocab_size" in overrides:
+        raise ConfigError("model.overrides.vocab_size is set by the tokenizer (len(tokenizer)); remove it")
+    try:
+        model_config = OFAConfig.preset(cfg.model.arch, vocab_size=len(tokenizer), **overrides)
+    except TypeError as e:
+        raise ConfigError(f"model.overrides: {e}; use OFAConfig field names such as encoder_layers") from None
+    return tokenizer, model_config
+
+
 def load_pretrained_weights(model: torch.nn.Module, path: str, model_config, ctx=None) -> None:
     """Copy a checkpoint's weights (and BatchNorm statistics) into `model`, sharded for this rank under TP.
 
@@ -159,9 +166,21 @@ def load_pretrained_weights(model: torch.nn.Module, path: str, model_config, ctx
     from ofa_scale.parallel.canonical import load_model_weights
 
     if not Path(path).exists():
-        raise UserError(f"model.pretrained {path} does not exist; point it at an OFA .pt checkpoint or an "
-                        f"ofa-scale model directory, or set it to null to train from scratch")
-    source = load_pretrained(path, vocab_size=model_config.vocab_size)
+        raise UserError(f"model.pretrained {path} does not exist; point it at an OFA .pt checkpoint, an "
+                        f"ofa-scale model directory or an ofa-train run directory, or set it to null to train from "
+                        f"scratch")
+    from ofa_scale.training.run_dir import locate_run_checkpoint
+
+    if locate_run_checkpoint(path) is not None:
+        # an ofa-train run (e.g. caption stage 1 feeding stage 2): its best checkpoint, EMA weights when stored
+        from ofa_scale.finetune.weights import load_run_model
+
+        source = load_run_model(path)
+        if source.config.vocab_size != model_config.vocab_size:
+            raise ConfigError(f"model.pretrained {path} has {source.config.vocab_size} token embeddings but this "
+                              f"run's tokenizer gives {model_config.vocab_size}; use the tokenizer that run used")
+    else:
+        source = load_pretrained(path, vocab_size=model_config.vocab_size)
     theirs = source.config
     for name in ("d_model", "ffn_dim", "heads", "encoder_layers", "decoder_layers", "resnet"):
         if getattr(theirs, name) != getattr(model_config, name):

@@ -2,8 +2,10 @@
 
     python loader_worker_child.py ROOT signals   # handles the stop signals like the trainer, keeps iterating
     python loader_worker_child.py ROOT busy      # workers stuck in a slow record_fn (for kill -9 of this process)
+    python loader_worker_child.py ROOT exit-live # returns while an iteration (and its workers) is still referenced
 """
 
+import multiprocessing
 import signal
 import sys
 import time
@@ -30,6 +32,12 @@ def main(root: str, mode: str) -> None:
         signal.signal(sig, lambda signum, _frame: received.append(signum))
     cfg = LoaderConfig(root=root, composition={"vl": 1}, num_streams=2, shuffle_buffer=0, num_workers=2,
                        prefetch_factor=1)
+    if mode == "exit-live":
+        global LIVE  # still referenced at interpreter exit, as a trainer's `iter(loader)` is
+        LIVE = iter(ShardLoader(cfg))
+        next(LIVE), next(LIVE)
+        print("ready", *(p.pid for p in multiprocessing.active_children()), flush=True)
+        return
     if mode == "busy":
         next(iter(ShardLoader(cfg, record_fn=slow_record)))
         return

@@ -183,6 +183,7 @@ def test_the_demo_verifies_shards_through_the_trainers_loader_config():
 
     workload = object.__new__(OFAPretraining)  # loader_config() needs only the config, not the tokenizer
     workload.cfg = load_training_config(REPO / "configs" / "demo.yaml")
+    workload.objectives = workload.cfg.objectives
     assert workload.loader_config().verify_shards is True
     workload.cfg.data.verify_shards = False
     assert workload.loader_config().verify_shards is False

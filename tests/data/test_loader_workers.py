@@ -104,3 +104,20 @@ def test_busy_workers_die_with_a_killed_parent(root):
             if _alive(w):
                 os.kill(w, signal.SIGKILL)
         child.communicate()
+
+
+def test_a_process_exits_while_an_iteration_with_workers_is_still_referenced(root):
+    # Workers ignore SIGTERM, which multiprocessing's exit handler uses before joining them: without the loader's
+    # own exit hook this child never exits.
+    child = _start(root, "exit-live")
+    try:
+        ready = child.stdout.readline().split()
+        assert ready[:1] == ["ready"], child.stderr.read()
+        workers = [int(pid) for pid in ready[1:]]
+        assert len(workers) == 2
+        out, err = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode == 0, err[-3000:]
+    assert not any(_alive(w) for w in workers)

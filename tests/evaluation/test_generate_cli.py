@@ -39,11 +39,22 @@ def read_jsonl(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_generate_scores_every_task_and_outputs_rescore(tmp_path, shards, tiny_model, bpe_dir, capsys):
+@pytest.fixture
+def answers_file(tmp_path):
+    """VQA candidates none of the sample corpus' questions has as a reference (its answers are numbers, yes/no,
+    colours and shapes)."""
+    path = tmp_path / "answers.txt"
+    path.write_text("zebra\nhot dog\nsurfing\n")
+    return path
+
+
+def test_generate_scores_every_task_and_outputs_rescore(tmp_path, shards, tiny_model, bpe_dir, answers_file,
+                                                        capsys):
     model_dir = save_pretrained(tiny_model, tmp_path / "model")
     out = tmp_path / "eval"
     rc = main(["generate", "--checkpoint", str(model_dir), "--tokenizer-path", str(bpe_dir), "--data", str(shards),
-               "--limit", "4", "--image-size", str(IMAGE), "--grounding-image-size", str(IMAGE), "--out", str(out)])
+               "--limit", "4", "--image-size", str(IMAGE), "--grounding-image-size", str(IMAGE), "--out", str(out),
+               "--answers", str(answers_file)])
     assert rc == 0
     summary = json.loads((out / "eval.json").read_text())
     assert summary["kind"] == "ofa-scale evaluation summary" and set(summary["tasks"]) == {"caption", "vqa",
@@ -60,10 +71,12 @@ def test_generate_scores_every_task_and_outputs_rescore(tmp_path, shards, tiny_m
         assert rescored == pytest.approx(info["metrics"])
     assert summary["tasks"]["caption"]["counts"]["samples"] == 4
 
-    # VQA decoding is trie-constrained: every answer is one of the candidate (reference) answers.
+    # VQA decoding is trie-constrained to the candidate file alone: the questions' own reference answers (which
+    # would leak the labels) are never candidates, so with a file that holds none of them no answer is right.
     vqa_refs = read_jsonl(out / "vqa" / "references.jsonl")
-    candidates = {a["answer"].strip() for r in vqa_refs for a in r["answers"]}
-    assert all(p["answer"] in candidates for p in read_jsonl(out / "vqa" / "predictions.jsonl"))
+    assert not {a["answer"].strip() for r in vqa_refs for a in r["answers"]} & {"zebra", "hot dog", "surfing"}
+    assert {p["answer"] for p in read_jsonl(out / "vqa" / "predictions.jsonl")} <= {"zebra", "hot dog", "surfing"}
+    assert summary["tasks"]["vqa"]["metrics"]["vqa_score"] == 0
 
     # Grounding emits exactly 4 bins, converted with bin/999·512 on the 64-px input, then × W/64, × H/64.
     for pred, ref in zip(read_jsonl(out / "grounding" / "predictions.jsonl"),
@@ -117,18 +130,28 @@ def test_run_directory_loads_weights_and_training_geometry(tmp_path, shards, tin
     assert doc["counts"]["samples"] == 2
 
 
-def test_generate_user_errors(tmp_path, shards, capsys):
+def test_generate_user_errors(tmp_path, shards, answers_file, capsys):
+    # VQA without a candidate file is refused before the checkpoint is even read
     assert main(["generate", "--checkpoint", str(tmp_path / "nope"), "--data", str(shards), "--out",
                  str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "--answers" in err and "ofa-preprocess vqa-answers" in err and len(err.strip().splitlines()) == 1
+    assert main(["generate", "--checkpoint", str(tmp_path / "nope"), "--data", str(shards), "--out",
+                 str(tmp_path / "o"), "--answers", str(tmp_path / "missing.txt")]) == 2
+    assert "missing.txt does not exist" in capsys.readouterr().err
+    # without vqa no candidate file is needed
+    assert main(["generate", "--checkpoint", str(tmp_path / "nope"), "--data", str(shards), "--out",
+                 str(tmp_path / "o"), "--tasks", "caption"]) == 2
     assert "does not exist" in capsys.readouterr().err
+    answers = ["--answers", str(answers_file)]
     (tmp_path / "m").mkdir()
     assert main(["generate", "--checkpoint", str(tmp_path / "m"), "--data", str(shards), "--out",
-                 str(tmp_path / "o")]) == 2
+                 str(tmp_path / "o"), *answers]) == 2
     assert "is neither an ofa-scale model directory (no config.json) nor an ofa-train run directory" \
         in capsys.readouterr().err
     (tmp_path / "m" / "config.json").write_text("{}")
     assert main(["generate", "--checkpoint", str(tmp_path / "m"), "--data", str(shards), "--out",
-                 str(tmp_path / "o")]) == 2
+                 str(tmp_path / "o"), *answers]) == 2
     assert "--tokenizer-path" in capsys.readouterr().err
     assert main(["generate", "--checkpoint", str(tmp_path / "m"), "--data", str(shards), "--tasks", "caption,ocr",
                  "--out", str(tmp_path / "o")]) == 2

@@ -37,12 +37,12 @@ def test_caption_scores_and_tables(tmp_path, capsys):
     doc, table = read_outputs(out)
     assert doc["format_version"] == 1 and doc["task"] == "caption" and doc["main_metric"] == "cider"
     assert doc["counts"] == {"samples": 2, "predictions": 2, "missing_predictions": 0}
-    assert set(doc["metrics"]) == {"bleu1", "bleu2", "bleu3", "bleu4", "rougeL", "cider"}
+    assert set(doc["metrics"]) == {"bleu1", "bleu2", "bleu3", "bleu4", "rouge_l", "cider"}
     # rows follow reference order; per-sample CIDEr equals the metric on the prepared text
     assert table.column("id").to_pylist() == ["1", "2"]
     hyps = [prepare_caption("a dog running on grass"), prepare_caption("people riding bikes")]
     refs_tok = [[prepare_caption(c) for c in r] for r in (refs[0]["captions"], refs[1]["captions"].split("&&"))]
-    expected = CiderD().score(hyps, refs_tok)
+    expected = CiderD().score_per_hypothesis(hyps, refs_tok)
     assert table.column("cider").to_pylist() == pytest.approx(list(expected))
     assert doc["metrics"]["cider"] == pytest.approx(expected.mean())
     assert table.schema.metadata[b"format_version"] == b"1"

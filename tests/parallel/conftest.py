@@ -28,3 +28,13 @@ def layout_runs(tmp_path_factory):
         runs[name] = {"ranks": launch("train", world, root / name.replace(">", ""), **params), "params": params}
     runs["root"] = root
     return runs
+
+
+def pytest_collection_modifyitems(items):
+    # The layout matrix is ten DeepSpeed launches of up to 4 ranks (~5 minutes on 2 cores, a quarter of the suite), so
+    # every test that reads it is `slow`: run by .ci/run, not by `make test`. `make test` keeps one 2-rank equivalence
+    # test per axis at trainer level (tests/train/test_train_parallel.py for tp=2 and pp=2, test_train_e2e.py for
+    # ZeRO-3).
+    for item in items:
+        if "layout_runs" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

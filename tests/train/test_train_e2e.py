@@ -70,6 +70,10 @@ def test_reference_run_is_tracked_in_the_run_directory_sqlite_store(reference):
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "ds_config.json", "layout.json", "data"} <= artifacts
     assert [a.path for a in client.list_artifacts(run.info.run_id, "data")] == ["data/manifest.json"]
+    # the end-of-run report (ofa_scale/evaluation/report.py): its pictures are in the run dir and in mlflow
+    report = {a.path for a in client.list_artifacts(run.info.run_id, "report")}
+    assert {"report/report.md", "report/loss.png", "report/lr.png"} <= report
+    assert (run_dir / "report" / "loss.png").stat().st_size > 0
 
 
 def test_two_processes_zero3_match_one_process(reference, tmp_path, mlflow_server):

@@ -6,13 +6,15 @@ Two tokenisations, both yielding lower-case words joined by single spaces:
   OFA expects lower-case data and does not lower-case; we do, which changes nothing on such data and keeps
   mixed-case references from silently scoring zero.
 * `ptb` — the final COCO protocol (pycocoevalcap's `PTBTokenizer`): Stanford CoreNLP's PTBTokenizer with
-  `-preserveLines -lowerCase`, then punctuation tokens dropped. Needs Java and the CoreNLP jar that ships inside
-  the pycocoevalcap wheel; we call the jar ourselves so nothing is written into site-packages.
+  `-preserveLines -lowerCase`, then pycocoevalcap's punctuation tokens dropped. Needs Java and the CoreNLP jar
+  that ships inside the pycocoevalcap wheel. We run the library's jar with the library's command and
+  punctuation list, but not its `PTBTokenizer` class: that writes its temporary file next to the jar, inside
+  site-packages, which fails on a read-only install (a cluster container image); the test suite checks the
+  output equal to `PTBTokenizer`'s.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import shutil
 import string
@@ -29,10 +31,6 @@ SCST_END_TOKEN = "<eos>"
 
 _PUNCTUATION_TABLE = str.maketrans("", "", string.punctuation)
 _WHITESPACE = re.compile(r"\s+")
-# Tokens pycocoevalcap drops after PTB tokenisation (its list, case included).
-PTB_PUNCTUATION_TOKENS = frozenset(["''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",",
-                                    ":", "-", "--", "...", ";"])
-_CORENLP_JAR = "stanford-corenlp-3.4.1.jar"
 
 
 def strip_punctuation(text: str) -> str:
@@ -57,15 +55,16 @@ def split_references(value: str | Sequence[str]) -> list[str]:
     return [str(v) for v in value]
 
 
-def _corenlp_jar() -> Path:
-    spec = importlib.util.find_spec("pycocoevalcap")
-    if spec is None or not spec.submodule_search_locations:
+def _ptb_library():
+    try:
+        from pycocoevalcap.tokenizer import ptbtokenizer
+    except ImportError:
         raise UserError("the ptb caption tokenizer needs pycocoevalcap (pip install pycocoevalcap); "
-                        "or use --caption-tokenizer ofa")
-    jar = Path(list(spec.submodule_search_locations)[0]) / "tokenizer" / _CORENLP_JAR
+                        "or use --caption-tokenizer ofa") from None
+    jar = Path(ptbtokenizer.__file__).parent / ptbtokenizer.STANFORD_CORENLP_3_4_1_JAR
     if not jar.is_file():
         raise UserError(f"{jar} is missing; reinstall pycocoevalcap or use --caption-tokenizer ofa")
-    return jar
+    return jar, frozenset(ptbtokenizer.PUNCTUATIONS)
 
 
 def java_executable() -> str:
@@ -80,7 +79,7 @@ def ptb_tokenize(sentences: Sequence[str]) -> list[str]:
     """pycocoevalcap's PTB tokenisation of each sentence (one Java process for the whole list)."""
     if not sentences:
         return []
-    jar, java = _corenlp_jar(), java_executable()
+    (jar, punctuation), java = _ptb_library(), java_executable()
     # One sentence per line: newlines inside a caption would shift every later line.
     text = "\n".join(_WHITESPACE.sub(" ", s).strip() for s in sentences)
     with tempfile.TemporaryDirectory(prefix="ofa-ptb-") as tmp:
@@ -95,7 +94,7 @@ def ptb_tokenize(sentences: Sequence[str]) -> list[str]:
     out = []
     for i in range(len(sentences)):
         line = lines[i] if i < len(lines) else ""
-        out.append(" ".join(w for w in line.rstrip().split(" ") if w and w not in PTB_PUNCTUATION_TOKENS))
+        out.append(" ".join(w for w in line.rstrip().split(" ") if w and w not in punctuation))
     return out
 
 

@@ -1,8 +1,10 @@
-"""METEOR 1.5 through pycocoevalcap (its bundled jar and English paraphrase table; Java, fully offline)."""
+"""METEOR 1.5 through pycocoevalcap's `Meteor` (its bundled jar and English paraphrase table; Java, offline).
+
+The library leaves its Java process to `__del__`; we close it as soon as the score is read, so repeated
+evaluations (validation every N updates) do not accumulate 2 GB JVMs.
+"""
 
 from __future__ import annotations
-
-from typing import Sequence
 
 import numpy as np
 
@@ -10,19 +12,18 @@ from ofa_scale.errors import UserError
 from ofa_scale.evaluation.metrics.caption_text import java_executable
 
 
-def meteor(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> tuple[float, np.ndarray]:
-    """(corpus METEOR from pooled statistics, per-hypothesis METEOR) on tokenised captions."""
+def meteor(gts: dict, res: dict) -> tuple[float, np.ndarray]:
+    """(corpus METEOR from pooled statistics, per-hypothesis METEOR) for pycocoevalcap's {key: [refs]} and
+    {key: [hyp]} dicts of tokenised captions."""
     java_executable()
     try:
         from pycocoevalcap.meteor.meteor import Meteor
     except ImportError:
-        raise UserError("--meteor needs pycocoevalcap (pip install pycocoevalcap)") from None
-    if not hypotheses:
+        raise UserError("METEOR needs pycocoevalcap (pip install pycocoevalcap)") from None
+    if not res:
         return 0.0, np.zeros(0)
     scorer = Meteor()
     try:
-        gts = {i: list(refs) for i, refs in enumerate(references)}
-        res = {i: [hyp] for i, hyp in enumerate(hypotheses)}
         corpus, per_sentence = scorer.compute_score(gts, res)
     finally:
         scorer.meteor_p.stdin.close()

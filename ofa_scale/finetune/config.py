@@ -1,0 +1,85 @@
+"""The `task:` section of the training config: what a finetuning recipe trains and how it is validated.
+
+An empty `task.name` is OFA multitask pretraining (data.root, objectives.*). A named task is a finetuning recipe
+(spec §7): it reads `data.train` / `data.valid` shard directories written by `ofa-preprocess shards --format
+<task.format>`, builds examples with its task module (ofa_scale/finetune/<task>.py), validates with the task's
+decoding preset and metric, and keeps the best checkpoint by `task.best_metric`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+from ofa_scale.errors import ConfigError
+
+FINETUNE_TASKS = ("caption", "vqa", "refcoco", "snli_ve")
+PromptType = Literal["none", "src", "prev_output"]
+
+
+@dataclass
+class DecodingSection:
+    """OFA's --eval-args / --scst-args (spec §7); `inference: allcand` scores every candidate instead (§6.3)."""
+
+    inference: Literal["beam", "allcand"] = "beam"
+    beam: int = 5
+    max_len_a: float = 0.0
+    max_len_b: int = 16
+    min_len: int = 1
+    no_repeat_ngram_size: int = 0
+    unnormalized: bool = False
+    lenpen: float = 1.0
+    batch_size: int = 8  # evaluation samples per forward (OFA's valid_batch_size)
+    candidate_chunk: int = 512  # all-candidate scoring: candidates per batched decoder pass
+
+    def validate(self, where: str) -> None:
+        if self.beam < 1 or self.batch_size < 1 or self.candidate_chunk < 1:
+            raise ConfigError(f"{where}.beam, batch_size and candidate_chunk must be >= 1")
+        if self.min_len < 0 or self.max_len_b < 0 or self.max_len_a < 0:
+            raise ConfigError(f"{where}.min_len, max_len_a and max_len_b must be >= 0")
+
+
+@dataclass
+class TaskSection:
+    name: str = ""  # "" = pretraining; else one of FINETUNE_TASKS
+    criterion: Literal["ce", "scst"] = "ce"  # scst: caption stage 2 (CIDEr optimisation, spec §6.2)
+    prompt_type: PromptType = "none"  # decoder prompt (spec §7.2): none | src | prev_output
+    image_size: int = 480  # Resize((S, S)) bicubic; RefCOCO: 512
+    max_src_length: int = 80  # words (pre_caption / pre_question)
+    max_tgt_length: int = 20  # caption: words; vqa: answer tokens (30)
+    max_object_length: int = 30  # vqa `object:` tags kept
+    add_object: bool = False  # vqa: append " object: ..." to the question
+    add_caption: bool = True  # snli_ve: premise-and-hypothesis prompt
+    answers: Optional[str] = None  # vqa: candidate answer file (one per line, `ofa-preprocess vqa-answers`)
+    constrained_training: bool = True  # vqa / snli_ve: trie-constrained loss and label smoothing
+    box_normaliser: float = 512.0  # refcoco: max_image_size (bins span [0, normaliser] input pixels)
+    cider_df: Optional[str] = None  # caption: cached CIDEr-D document frequencies (`ofa-eval cider-df`)
+    valid_interval: int = 500  # validate every N updates (and at each epoch end); 0 = epoch ends only
+    valid_limit: int = 0  # validation samples (0 = the whole valid set)
+    best_metric: str = ""  # default: the task's main metric
+    decoding: DecodingSection = field(default_factory=DecodingSection)
+    scst: DecodingSection = field(default_factory=lambda: DecodingSection(beam=5, max_len_b=16,
+                                                                          no_repeat_ngram_size=3))
+    extra: dict[str, Any] = field(default_factory=dict)  # task-specific knobs (documented by the task module)
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.name)
+
+    def validate(self) -> None:
+        if not self.name:
+            return
+        if self.name not in FINETUNE_TASKS:
+            raise ConfigError(f"task.name is {self.name!r}; use one of {', '.join(FINETUNE_TASKS)} (or leave it "
+                              f"empty for pretraining)")
+        if self.criterion == "scst" and self.name != "caption":
+            raise ConfigError(f"task.criterion=scst is caption stage 2's CIDEr optimisation; task {self.name} "
+                              f"trains with criterion=ce")
+        if self.image_size < 16 or self.image_size % 16:
+            raise ConfigError(f"task.image_size is {self.image_size}; use a positive multiple of 16")
+        if self.max_src_length < 1 or self.max_tgt_length < 1 or self.max_object_length < 0:
+            raise ConfigError("task.max_src_length and task.max_tgt_length must be >= 1")
+        if self.valid_interval < 0 or self.valid_limit < 0:
+            raise ConfigError("task.valid_interval and task.valid_limit must be >= 0")
+        self.decoding.validate("task.decoding")
+        self.scst.validate("task.scst")

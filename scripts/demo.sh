@@ -44,13 +44,15 @@ step "training summary ($(( $(date +%s) - start )) s so far)"
 "$PY" -m ofa_scale.training.summary "$DEMO_DIR" --window 15
 
 step "5/5 evaluation: generate on held-out rows (a fresh seed) and score captions, VQA and grounding"
-"$PY" -m ofa_scale.cli.preprocess sample --out "$DATA/heldout_corpus" --rows 120 --seed 99
+"$PY" -m ofa_scale.cli.preprocess sample --out "$DATA/heldout_corpus" --rows 120 --seed 99 --finetune-images 0
+# VQA answers come from a candidate file built from training questions only (never from the evaluated references)
+"$PY" -m ofa_scale.cli.preprocess vqa-answers --input "$DATA/corpus/finetune/vqa_train.tsv" --out "$DATA/vqa_answers.txt"
 "$PY" -m ofa_scale.cli.preprocess shards --vl "$DATA/heldout_corpus/vision_language_examples.tsv" \
   --out "$DATA/heldout_shards" --no-progress
 # greedy (--beam 1): after a few minutes of training, beams of 5 prefer the short yes/no answers of the ITM
 # task over a full caption (higher mean log-prob per token); OFA's beam-5 settings suit trained models.
 "$PY" -m ofa_scale.cli.evaluate generate --checkpoint "$DEMO_DIR" --data "$DATA/heldout_shards" --beam 1 \
-  --tasks caption,vqa,grounding --limit 24 --out "$DEMO_DIR/eval"
+  --tasks caption,vqa,grounding --limit 24 --answers "$DATA/vqa_answers.txt" --out "$DEMO_DIR/eval"
 
 step "pictures of the run: loss per objective, lr, grad norm, throughput, memory (open report.md)"
 "$PY" -m ofa_scale.cli.evaluate report "$DEMO_DIR"

@@ -168,7 +168,7 @@ class ClosedSetTask(FinetuneTask):
                 prompts = [list(i.decoder_prompt) for i in chunk]
                 if allcand:
                     scores = score_candidates(model, inputs, self.candidate_ids, decoder_prompts=prompts,
-                                              constraint_trie=self.trie, chunk_size=decoding.candidate_chunk,
+                                              constraint_trie=self.trie, rows_per_pass=decoding.candidate_chunk,
                                               **extra)
                     out.extend(self.candidates[int(j)] for j in scores.argmax(dim=1).tolist())
                     continue

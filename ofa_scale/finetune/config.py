@@ -30,7 +30,7 @@ class DecodingSection:
     unnormalized: bool = False
     lenpen: float = 1.0
     batch_size: int = 8  # evaluation samples per forward (OFA's valid_batch_size)
-    candidate_chunk: int = 512  # all-candidate scoring: candidates per batched decoder pass
+    candidate_chunk: int = 4096  # all-candidate scoring: decoder rows (shared answer prefixes) per batched pass
 
     def validate(self, where: str) -> None:
         if self.beam < 1 or self.batch_size < 1 or self.candidate_chunk < 1:

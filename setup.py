@@ -9,7 +9,7 @@ setup(
     # Versions are pinned in requirements/*.txt; here only what the package needs to import.
     install_requires=["torch", "numpy", "pillow", "pyyaml", "webdataset", "tokenizers", "sentencepiece",
                       "safetensors", "pyarrow"],
-    extras_require={"train": ["deepspeed", "megatron-core", "mlflow"]},
+    extras_require={"train": ["deepspeed", "megatron-core", "mlflow"], "demo": ["gradio"]},
     entry_points={
         "console_scripts": [
             "ofa-preprocess=ofa_scale.cli.preprocess:main",
@@ -18,6 +18,7 @@ setup(
             "ofa-plan=ofa_scale.parallel.planner_cli:main",
             "ofa-eval=ofa_scale.cli.evaluate:main",
             "ofa-predict=ofa_scale.predict.cli:main",
+            "ofa-demo=ofa_scale.demo.cli:main",
         ]
     },
 )

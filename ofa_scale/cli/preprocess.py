@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "shards": ("ofa_scale.data.convert", "convert OFA TSVs to validated webdataset shards"),
     "train-tokenizer": ("ofa_scale.data.tokenizer_train", "train a SentencePiece tokenizer on corpus text"),
     "vqa-answers": ("ofa_scale.finetune.answers", "VQA candidate answers from a training TSV, most frequent first"),
+    "image-codes": ("ofa_scale.vqgan.image_codes", "VQGAN codes of images: image_examples or image_gen TSV rows"),
 }
 
 

@@ -100,6 +100,15 @@ def _decode_fully(im: Image.Image, cheap: bool) -> None:
         ImageFile.LOAD_TRUNCATED_IMAGES = previous
 
 
+def open_checked(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """The image in `data`, decoded whole: its pixel count checked before decoding (bombs), then every byte
+    (truncation). A RowReject naming the problem otherwise. For readers of single images (ofa-predict,
+    ofa-demo) that must apply the converter's checks without its re-encoding."""
+    im = _open(data, max_pixels)
+    _decode_fully(im, cheap=False)
+    return im
+
+
 def _encode(im: Image.Image, fmt: str) -> bytes:
     buf = io.BytesIO()
     if fmt == "png":

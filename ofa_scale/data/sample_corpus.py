@@ -359,13 +359,13 @@ def _text_row(i: int, seed: int) -> str:
     return f"{_quirky_id('pile', i, rng)}\t{paragraph(rng)}"
 
 
-def _image_row(i: int, seed: int) -> str:
+def _image_row(i: int, seed: int, code_fn=colour_codes) -> str:
     rng = random.Random(f"{seed}-image-{i}")
     scene = make_scene(rng, 256, 256)
     b64 = encode_image(render(scene, rng), rng, png_share=0.1)
     # Codes come from the decoded stored bytes, so anyone can recompute them from the shard exactly.
     stored = Image.open(io.BytesIO(base64.urlsafe_b64decode(b64)))
-    codes = " ".join(map(str, colour_codes(stored)))
+    codes = " ".join(map(str, code_fn(stored)))
     return f"{_quirky_id('img', i, rng)}\t{b64}\t{codes}"
 
 
@@ -393,7 +393,8 @@ def negative_files(captions: list[str]) -> dict[str, str]:
     }
 
 
-def write_sample_corpus(out_dir: str | Path, rows: int = 2000, seed: int = 0) -> dict[str, Path]:
+def write_sample_corpus(out_dir: str | Path, rows: int = 2000, seed: int = 0,
+                        vqgan: str | Path | None = None) -> dict[str, Path]:
     """Write the four OFA pretraining TSVs and negative_sample/ under `out_dir`; return their paths.
 
     `rows` vision-language rows, rows//4 text rows, rows//8 image and detection rows (OFA mixes 2 text, 1 image
@@ -412,10 +413,15 @@ def write_sample_corpus(out_dir: str | Path, rows: int = 2000, seed: int = 0) ->
         if cap is not None:
             captions.append(cap)
     n_aux = max(1, rows // 8)
+    code_fn, codes_note = colour_codes, "colour-quantiser stand-in for VQGAN codes"
+    if vqgan is not None:  # real image-infilling codes (issue 11 §4); imported here: torch is heavy
+        from ofa_scale.vqgan.image_codes import centre_code_fn
+
+        code_fn, codes_note = centre_code_fn(vqgan), f"VQGAN codes ({Path(vqgan).resolve()})"
     contents = {
         "vision_language_examples.tsv": vl_lines,
         "text_examples.tsv": [_text_row(i, seed) for i in range(max(1, rows // 4))],
-        "image_examples.tsv": [_image_row(i, seed) for i in range(n_aux)],
+        "image_examples.tsv": [_image_row(i, seed, code_fn) for i in range(n_aux)],
         "detection_examples.tsv": [_detection_row(i, seed) for i in range(n_aux)],
     }
     paths: dict[str, Path] = {}
@@ -426,7 +432,7 @@ def write_sample_corpus(out_dir: str | Path, rows: int = 2000, seed: int = 0) ->
         atomic_write_text(out / "negative_sample" / name, text)
         paths[name] = out / "negative_sample" / name
     atomic_write_json(out / "sample_corpus.json", {"format_version": 1, "rows": rows, "seed": seed,
-                                                   "codes": "colour-quantiser stand-in for VQGAN codes"})
+                                                   "codes": codes_note})
     return paths
 
 
@@ -440,10 +446,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "snli_ve; 0 writes none)")
     parser.add_argument("--finetune-eval-images", type=int, default=64, metavar="N",
                         help="images of each held-out finetuning split (val, test), disjoint from training")
+    parser.add_argument("--ocr-font", default=None, metavar="PATH",
+                        help="CJK font for the OCR text lines (ocr_*.tsv, as many lines as finetuning images); "
+                             "default: fonts-wqy-microhei or fontconfig's Chinese font, and none written (with a note) when there is none; 'none' writes no OCR lines")
+    parser.add_argument("--text-rows", type=int, default=512, metavar="N",
+                        help="training rows of each text-only finetuning TSV in OUT/text/ (gigaword, glue_*; "
+                             "0 writes none)")
+    parser.add_argument("--text-eval-rows", type=int, default=128, metavar="N",
+                        help="rows of each held-out text split (val, test)")
+    parser.add_argument("--vqgan", default=None, metavar="DIR",
+                        help="image_examples codes from this VQGAN (model.yaml + last.ckpt) instead of the colour "
+                             "quantiser stand-in")
 
 
 def run(args: argparse.Namespace) -> int:
-    paths = write_sample_corpus(args.out, rows=args.rows, seed=args.seed)
+    paths = write_sample_corpus(args.out, rows=args.rows, seed=args.seed, vqgan=args.vqgan)
     for name in TSV_NAMES:
         n = sum(1 for _ in open(paths[name], "rb"))
         print(f"{paths[name]}: {n} rows")
@@ -454,5 +471,25 @@ def run(args: argparse.Namespace) -> int:
 
         for name, path in write_finetune_corpus(Path(args.out) / "finetune", args.finetune_images,
                                                 args.finetune_eval_images, seed=args.seed).items():
+            print(f"{path}: {sum(1 for _ in open(path, 'rb'))} rows")
+        from ofa_scale.data.sample_ocr import write_ocr_corpus  # OFA-OCR lines (issue 13 §2)
+
+        ocr = {}
+        if args.ocr_font != "none":
+            try:
+                ocr = write_ocr_corpus(Path(args.out) / "finetune", args.finetune_images, args.finetune_eval_images,
+                                       seed=args.seed, font=args.ocr_font)
+            except UserError as e:
+                if args.ocr_font:  # a font the user named must work
+                    raise
+                # the rest of the corpus needs no CJK font: say what is missing instead of failing the whole sample
+                print(f"OCR lines not written: {e}")
+        for path in ocr.values():
+            print(f"{path}: {sum(1 for _ in open(path, 'rb'))} rows")
+    if args.text_rows:
+        from ofa_scale.data.sample_text_tasks import write_text_corpus  # Gigaword and GLUE (issue 11)
+
+        for path in write_text_corpus(Path(args.out) / "text", args.text_rows, args.text_eval_rows,
+                                      seed=args.seed).values():
             print(f"{path}: {sum(1 for _ in open(path, 'rb'))} rows")
     return 0

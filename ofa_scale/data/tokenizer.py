@@ -1,6 +1,7 @@
-"""OFA's vocabulary behind one interface: GPT-2 BPE (OFA-compatible ids) or a SentencePiece model of our own.
+"""OFA's vocabulary behind one interface: GPT-2 BPE (OFA-compatible ids), a SentencePiece model of our own, or
+OFA-CN's BERT WordPiece (kind "bert", ofa_scale/data/tokenizer_bert.py: its text pieces come from vocab.txt).
 
-Both tokenizers share the id layout of spec §3 / docs/interfaces.md §3:
+All tokenizers share the id layout of spec §3 / docs/interfaces.md §3:
 
     0..3                  <s> <pad> </s> <unk>
     4 .. mask-1           text pieces (GPT-2: the fairseq dict.txt entries, id = 4 + line index;
@@ -30,7 +31,7 @@ import numpy as np
 
 from ofa_scale.errors import ConfigError, UserError
 
-KINDS = ("gpt2-bpe", "sentencepiece")
+KINDS = ("gpt2-bpe", "sentencepiece", "bert")  # bert: OFA-CN, ofa_scale/data/tokenizer_bert.py
 SPECIAL_SYMBOLS = ("<s>", "<pad>", "</s>", "<unk>")
 MASK_SYMBOL = "<mask>"
 DEFAULT_NUM_CODES = 8192
@@ -233,7 +234,26 @@ class OFATokenizer:
                 f"code_offset={self.code_offset}, bin_offset={self.bin_offset})")
 
 
-class GPT2BPETokenizer(OFATokenizer):
+class TokenizersEncoding:
+    """Encoding for tokenizers whose text model is a `tokenizers.Tokenizer` (`self._tk`) built with the fairseq
+    ids as its vocabulary ids (GPT-2 BPE, OFA-CN's BERT WordPiece), so its ids need no second mapping."""
+
+    _tk: Any
+
+    def encode(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"encode expects str, got {type(text).__name__}")
+        return self._tk.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Encode many strings in one call (the Rust side parallelises unless TOKENIZERS_PARALLELISM=false)."""
+        texts = list(texts)
+        if not all(isinstance(t, str) for t in texts):
+            raise TypeError("encode_batch expects a sequence of str")
+        return [e.ids for e in self._tk.encode_batch_fast(texts, add_special_tokens=False)]
+
+
+class GPT2BPETokenizer(TokenizersEncoding, OFATokenizer):
     """OFA's GPT-2 byte-level BPE, with GPT-2 ids mapped through fairseq's dict.txt (id = 4 + line index).
 
     The `tokenizers` BPE model is built with the fairseq ids as its vocabulary ids, so encoding needs no
@@ -284,18 +304,6 @@ class GPT2BPETokenizer(OFATokenizer):
         # and decode by name.
         word_start |= ~decodable
         super().__init__(dict_symbols, word_start, decodable, num_codes, num_bins, bpe_dir)
-
-    def encode(self, text: str) -> list[int]:
-        if not isinstance(text, str):
-            raise TypeError(f"encode expects str, got {type(text).__name__}")
-        return self._tk.encode(text, add_special_tokens=False).ids
-
-    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        """Encode many strings in one call (the Rust side parallelises unless TOKENIZERS_PARALLELISM=false)."""
-        texts = list(texts)
-        if not all(isinstance(t, str) for t in texts):
-            raise TypeError("encode_batch expects a sequence of str")
-        return [e.ids for e in self._tk.encode_batch_fast(texts, add_special_tokens=False)]
 
     def _decode_text(self, ids: list[int]) -> str:
         return self._tk.decode(ids, skip_special_tokens=False)
@@ -376,6 +384,7 @@ def load_tokenizer(kind: str, path: str | os.PathLike, num_codes: int | None = N
     """Load (or reuse from the per-process cache) the tokenizer of `kind` stored at `path`.
 
     kind "gpt2-bpe": `path` holds encoder.json, vocab.bpe, dict.txt; num_codes/num_bins default to 8192/1000.
+    kind "bert" (OFA-CN, spec §10.1): `path` holds BERT's vocab.txt; num_codes/num_bins as for gpt2-bpe.
     kind "sentencepiece": `path` is a `train-tokenizer` output; num_codes/num_bins come from its metadata
     (passing different values is a ConfigError). The cache key includes the files' sizes and mtimes, so a
     retrained directory is picked up.
@@ -383,10 +392,11 @@ def load_tokenizer(kind: str, path: str | os.PathLike, num_codes: int | None = N
     if kind not in KINDS:
         raise ConfigError(f"unknown tokenizer kind {kind!r}; use one of {', '.join(KINDS)}")
     resolved = Path(path).expanduser().resolve()
-    if kind == "gpt2-bpe":
+    if kind in ("gpt2-bpe", "bert"):
         num_codes = DEFAULT_NUM_CODES if num_codes is None else int(num_codes)
         num_bins = DEFAULT_NUM_BINS if num_bins is None else int(num_bins)
-        key = (kind, str(resolved), num_codes, num_bins, _stat_signature(resolved, GPT2_FILES))
+        files = GPT2_FILES if kind == "gpt2-bpe" else ("vocab.txt",)
+        key = (kind, str(resolved), num_codes, num_bins, _stat_signature(resolved, files))
     else:  # the counts are fixed by the trained model's metadata; they are checked, not part of the key
         key = (kind, str(resolved), _stat_signature(resolved, (METADATA_FILE, SENTENCEPIECE_MODEL_FILE)))
     with _CACHE_LOCK:
@@ -394,6 +404,10 @@ def load_tokenizer(kind: str, path: str | os.PathLike, num_codes: int | None = N
         if tok is None:
             if kind == "gpt2-bpe":
                 tok = GPT2BPETokenizer(resolved, num_codes, num_bins)
+            elif kind == "bert":  # OFA-CN (issue 13 §1); imported here: tokenizer_bert builds on this module
+                from ofa_scale.data.tokenizer_bert import BertWordPieceTokenizer
+
+                tok = BertWordPieceTokenizer(resolved, num_codes, num_bins)
             else:
                 tok = SentencePieceTokenizer(resolved, num_codes, num_bins)
             _CACHE[key] = tok

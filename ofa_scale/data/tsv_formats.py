@@ -283,6 +283,8 @@ FORMATS: dict[str, RowFormat] = {f.name: f for f in (
                              Column(5, "label", label({"entailment": "yes", "contradiction": "no",
                                                        "neutral": "maybe"}))),
               image_column=2, description="SNLI-VE (spec §7.4); label stored as its answer word"),
+    RowFormat("ocr", 3, (Column(2, "text", required_text),), image_column=1,
+              description="OFA-OCR text recognition (spec §10.2.1): uniq-id, image, text"),
     RowFormat("imagenet", 3, (Column(1, "label_index", integer), Column(2, "class_name", required_text)),
               id_column=None, image_column=0, description="ImageNet-1K (spec §7.5)"),
     RowFormat("image_gen", 3, (Column(1, "codes", codes(1024)), Column(2, "caption", required_text)),

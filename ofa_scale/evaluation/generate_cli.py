@@ -18,6 +18,7 @@ SUMMARY_KIND = "ofa-scale evaluation summary"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ofa_scale.data.tokenizer import KINDS as TOKENIZER_KINDS
     from ofa_scale.evaluation.score import add_score_options
 
     parser.add_argument("--checkpoint", required=True, metavar="DIR_OR_RUN",
@@ -29,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory")
     parser.add_argument("--batch-size", type=int, default=8, help="samples per generation batch")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--tokenizer-kind", choices=("gpt2-bpe", "sentencepiece"), default="gpt2-bpe",
+    parser.add_argument("--tokenizer-kind", choices=TOKENIZER_KINDS, default="gpt2-bpe",
                         help="tokenizer kind for model dirs / .pt files (run dirs name their own)")
     parser.add_argument("--tokenizer-path", default=None,
                         help="tokenizer directory for model dirs / .pt files (run dirs name their own)")

@@ -82,7 +82,6 @@ def _check_vocab(rows: int, tokenizer: Any, source: str) -> None:
 
 
 def _from_run(run_root: Path, tag: Optional[str]) -> EvalModel:
-    from ofa_scale.data.tokenizer import load_tokenizer
     from ofa_scale.model.checkpoint import build_model, canonical_keys, convert_state_dict
     from ofa_scale.model.config import OFAConfig
     from ofa_scale.model.ofa import OFAModel
@@ -100,7 +99,7 @@ def _from_run(run_root: Path, tag: Optional[str]) -> EvalModel:
         tag = point.tag
     elif not (ckpt_dir / tag / TRAINER_RECORD).is_file():
         raise UserError(f"{ckpt_dir / tag} is not a complete checkpoint (no {TRAINER_RECORD}); pick another step")
-    tokenizer = load_tokenizer(cfg.data.tokenizer.kind, cfg.data.tokenizer.path, num_bins=cfg.objectives.num_bins)
+    tokenizer, geometry = run_tokenizer_and_geometry(cfg)
     canonical = ckpt_dir / tag / CANONICAL_DIR
     if (canonical / INDEX).is_file():
         # the trainer's layout-free copy, whatever the tp/pp/ZeRO layout was: the weights' slices assembled whole
@@ -115,17 +114,26 @@ def _from_run(run_root: Path, tag: Optional[str]) -> EvalModel:
         state = _engine_state_dict(ckpt_dir, tag, cfg.parallel.zero_stage)
     rows = _embedding_rows(state, ckpt_dir / tag)
     _check_vocab(rows, tokenizer, str(ckpt_dir / tag))
-    config = OFAConfig.preset(cfg.model.arch, **{**cfg.model.overrides, "vocab_size": rows})
+    prompt = cfg.model.prompt_tuning.model_overrides() if cfg.model.prompt_tuning.enabled else {}
+    config = OFAConfig.preset(cfg.model.arch, **{**cfg.model.overrides, **prompt, "vocab_size": rows})
     with torch.device("meta"):
         expected = canonical_keys(OFAModel(config))
     weights = convert_state_dict(state, expected, source=str(ckpt_dir / tag))
+    return EvalModel(build_model(config, weights).eval(), tokenizer, geometry,
+                     {"checkpoint": str((ckpt_dir / tag).resolve()), "kind": "run", "run": str(run_root.resolve()),
+                      "tag": tag, "arch": cfg.model.arch})
+
+
+def run_tokenizer_and_geometry(cfg) -> tuple[Any, InputGeometry]:
+    """A run's tokenizer and the input geometry it trained on, from its resolved config."""
+    from ofa_scale.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.data.tokenizer.kind, cfg.data.tokenizer.path, num_bins=cfg.objectives.num_bins)
     obj = cfg.objectives
     geometry = InputGeometry(image_size=obj.vl.image_size, grounding_image_size=obj.vl.image_size,
                              box_normaliser=float(obj.scaled.box_normaliser), num_bins=obj.num_bins,
                              max_src_words=obj.max_src_words, max_source_tokens=obj.vl.source_length)
-    return EvalModel(build_model(config, weights).eval(), tokenizer, geometry,
-                     {"checkpoint": str((ckpt_dir / tag).resolve()), "kind": "run", "run": str(run_root.resolve()),
-                      "tag": tag, "arch": cfg.model.arch})
+    return tokenizer, geometry
 
 
 def _run_config(path: Path):

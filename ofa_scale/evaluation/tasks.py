@@ -149,9 +149,10 @@ def _accuracy_scorer(extra: tuple[str, ...] = ()) -> Callable[[list[str], list[s
 
 
 def _score_gigaword(preds: list[str], refs: list[str], options: ScoreOptions) -> TaskScores:
-    from ofa_scale.evaluation.metrics.gigaword import prepare_summary, rouge_f1
+    from ofa_scale.evaluation.metrics.gigaword import prepare_reference, prepare_summary, rouge_f1
 
-    means, per = rouge_f1([prepare_summary(p) for p in preds], [prepare_summary(r) for r in refs])
+    # only the hypotheses are re-tokenised; OFA scores the raw lower-cased references (metrics/gigaword.py)
+    means, per = rouge_f1([prepare_summary(p) for p in preds], [prepare_reference(r) for r in refs])
     return TaskScores(means, per, {"rouge": "rouge-score, Porter stemming, mean F1"})
 
 
@@ -185,7 +186,7 @@ def _build_registry() -> dict[str, TaskSpec]:
         TaskSpec("snli_ve", "label", "label", *_words(SNLI_VE_WORDS), _accuracy_scorer(), "accuracy"),
         TaskSpec("imagenet", "label", "label", *_words({}), _accuracy_scorer(), "accuracy"),
         TaskSpec("gigaword", "summary", "summary", lambda p, r: _text(p, "summary"), lambda r: _text(r, "summary"),
-                 _score_gigaword, "rougeL"),
+                 _score_gigaword, "rouge_l"),
     ]
     for name in GLUE_TASKS:
         extra = GLUE_EXTRA_METRICS.get(name, ())

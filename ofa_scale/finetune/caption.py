@@ -16,8 +16,8 @@ from ofa_scale.evaluation.metrics.caption_text import strip_punctuation
 from ofa_scale.evaluation.tasks import ScoreOptions, task_spec
 from ofa_scale.finetune.inputs import (TOKENS_PER_WORD, best_tokens, check_pairs, generation_config, square_image,
                                        tsv_id)
+from ofa_scale.finetune.prompts_cn import spaced, task_prompt
 from ofa_scale.finetune.task import EvalItem, Example, FinetuneTask, Lockstep
-from ofa_scale.objectives.builders import CAPTION_PROMPT
 
 
 def ofa_caption_words(caption: str) -> list[str]:
@@ -35,6 +35,9 @@ class CaptionTask(FinetuneTask):
     before collation (the Collator ignores the key). The CE target of a record with several captions is its
     first caption.
 
+    `task.language: zh` (OFA-CN, MUGE): the prompt "图片描述了什么内容?", a target budget of max_tgt_length BERT
+    tokens, and captions scored one character per word as BERT decodes them, without METEOR (prompts_cn.py).
+
     Evaluation ids are the TSV's image-id (column 1): an int when it is a plain decimal number, as COCO's are,
     else the string. Validation and test TSVs hold one row per image (OFA's `&&` files), so results.json gets
     one entry per image.
@@ -46,10 +49,14 @@ class CaptionTask(FinetuneTask):
 
     def __init__(self, cfg, tokenizer):
         super().__init__(cfg, tokenizer)
-        self._prompt = [tokenizer.bos, *tokenizer.encode(CAPTION_PROMPT), tokenizer.eos]
+        self._prompt = [tokenizer.bos, *tokenizer.encode(task_prompt("caption", cfg.language, tokenizer)),
+                        tokenizer.eos]
+        self._zh = cfg.language == "zh"  # OFA-CN (prompts_cn.py): token budget, character-level scoring
 
     # ---- shapes ---------------------------------------------------------------------------------------------
     def lengths(self) -> tuple[int, int]:
+        if self._zh:  # unspaced Chinese is one "word": the budget counts BERT tokens
+            return len(self._prompt), self.cfg.max_tgt_length + 1
         return len(self._prompt), TOKENS_PER_WORD * self.cfg.max_tgt_length + 1  # + eos
 
     # ---- training -------------------------------------------------------------------------------------------
@@ -61,11 +68,13 @@ class CaptionTask(FinetuneTask):
             return []
         tok = self.tok
         tgt = tok.encode(" " + " ".join(words[:self.cfg.max_tgt_length]))
+        if self._zh:
+            tgt = tgt[:self.cfg.max_tgt_length]
         return [{"task": self.name, "source": list(self._prompt), "target": tgt + [tok.eos],
                  "prev_output": [tok.bos] + tgt, "image": square_image(record.get("image"), self.cfg.image_size,
                                                                         meta.get("uniq_id")),
                  "patch_mask": True, "conf": 1.0,
-                 "references": [" ".join(ofa_caption_words(c)) for c in captions]}]
+                 "references": [spaced(tok, c) if self._zh else " ".join(ofa_caption_words(c)) for c in captions]}]
 
     # ---- evaluation -----------------------------------------------------------------------------------------
     def eval_item(self, record: dict) -> Optional[EvalItem]:
@@ -95,12 +104,14 @@ class CaptionTask(FinetuneTask):
         ROUGE-L on the same text; METEOR is left out (Java, slow). `final`: COCOEvalCap's protocol (PTB
         tokenizer, METEOR, CIDEr-D from the references)."""
         check_pairs(predictions, items)
-        options = (ScoreOptions(caption_tokenizer="ptb", meteor=True) if final
-                   else ScoreOptions(caption_tokenizer="ofa", meteor=False))
-        scores = task_spec("caption").score([str(p["caption"]) for p in predictions],
-                                            [list(i.reference["captions"]) for i in items], options).metrics
+        options = (ScoreOptions(caption_tokenizer="ptb", meteor=True) if final and not self._zh
+                   else ScoreOptions(caption_tokenizer="ofa", meteor=False))  # zh: MUGE's BLEU/ROUGE-L/CIDEr-D
+        text = (lambda c: spaced(self.tok, c)) if self._zh else str  # zh: one character per word, as OFA-CN decodes
+        scores = task_spec("caption").score([text(p["caption"]) for p in predictions],
+                                            [[text(c) for c in i.reference["captions"]] for i in items],
+                                            options).metrics
         out = {"cider": scores["cider"], "bleu4": scores["bleu4"], "rouge_l": scores["rouge_l"]}
-        if final:
+        if final and not self._zh:
             out["meteor"] = scores["meteor"]
         return out
 

@@ -37,6 +37,7 @@ from ofa_scale.evaluation.generation import batch_inputs
 from ofa_scale.evaluation.tasks import ScoreOptions, task_spec
 from ofa_scale.finetune.inputs import check_pairs, generation_config, square_image
 from ofa_scale.finetune.task import EvalItem, Example, FinetuneTask, Lockstep
+from ofa_scale.finetune.text_inputs import NO_IMAGE, NO_IMAGE_SIZE
 from ofa_scale.model.generate import generate, score_candidates
 from ofa_scale.objectives.batching import normalise_images
 from ofa_scale.utils.trie import Trie
@@ -124,19 +125,25 @@ class ClosedSetTask(FinetuneTask):
         prompt = self.decoder_prompt(source)
         ex: Example = {"task": self.name, "source": source, "prev_output": prompt + ans,
                        "target": [tok.pad] * (len(prompt) - 1) + ans + [tok.eos],
-                       "image": square_image(record.get("image"), self.cfg.image_size, meta.get("uniq_id")),
-                       "patch_mask": True, "conf": float(conf)}
+                       "image": self.pixels(record), "conf": float(conf)}
+        ex["patch_mask"] = ex["image"] is not None
         if constrained:
             ex["constraint"] = ([[] for _ in range(len(prompt) - 1)]
                                 + [self.trie.get_next_layer([tok.bos, *ans[:k]]) for k in range(len(ans) + 1)])
         return [ex]
 
+    def pixels(self, record: dict) -> Optional[torch.Tensor]:
+        """The encoder image of a record, uint8 3×S×S; None for a text-only task (GLUE: finetune/text_inputs.py)."""
+        return square_image(record.get("image"), self.cfg.image_size, record["meta"].get("uniq_id"))
+
     def item(self, record: dict, item_id: Any, reference: dict) -> EvalItem:
         meta, image = record["meta"], record.get("image")
         source = self.source_ids(meta)
-        pixels = square_image(image, self.cfg.image_size, meta.get("uniq_id"))
+        pixels = self.pixels(record)
+        if pixels is None:  # text only
+            pixels, image = NO_IMAGE, None
         return EvalItem(id=item_id, source=source, image=pixels, decoder_prompt=self.decoder_prompt(source),
-                        reference=reference, image_size=image.size)
+                        reference=reference, image_size=image.size if image is not None else NO_IMAGE_SIZE)
 
     def _count(self, what: str, message: str) -> None:
         self.skipped[what] += 1

@@ -13,7 +13,8 @@ from typing import Any, Literal, Optional
 
 from ofa_scale.errors import ConfigError
 
-FINETUNE_TASKS = ("caption", "vqa", "refcoco", "snli_ve")
+FINETUNE_TASKS = ("caption", "vqa", "refcoco", "snli_ve", "ocr", "gigaword", "glue_cola", "glue_sst2", "glue_mrpc",
+                  "glue_qqp", "glue_mnli", "glue_rte", "glue_qnli")
 PromptType = Literal["none", "src", "prev_output"]
 
 
@@ -44,6 +45,9 @@ class TaskSection:
     name: str = ""  # "" = pretraining; else one of FINETUNE_TASKS
     criterion: Literal["ce", "scst"] = "ce"  # scst: caption stage 2 (CIDEr optimisation, spec §6.2)
     prompt_type: PromptType = "none"  # decoder prompt (spec §7.2): none | src | prev_output
+    # zh: OFA-CN's Chinese prompts (finetune/prompts_cn.py, spec §10.1.4; needs data.tokenizer.kind=bert); for
+    # caption, max_tgt_length then counts BERT tokens (Chinese has no spaces between words)
+    language: Literal["en", "zh"] = "en"
     image_size: int = 480  # Resize((S, S)) bicubic; RefCOCO: 512
     max_src_length: int = 80  # words (pre_caption / pre_question)
     max_tgt_length: int = 20  # caption: words; vqa: answer tokens (30)
@@ -75,6 +79,9 @@ class TaskSection:
         if self.criterion == "scst" and self.name != "caption":
             raise ConfigError(f"task.criterion=scst is caption stage 2's CIDEr optimisation; task {self.name} "
                               f"trains with criterion=ce")
+        if self.criterion == "scst" and self.language == "zh":  # OFA-CN ships stage 1 (MUGE) only
+            raise ConfigError("task.criterion=scst is not available with task.language=zh: OFA-CN has no caption "
+                              "stage 2, and the CIDEr-D document frequencies would count unspaced Chinese")
         if self.image_size < 16 or self.image_size % 16:
             raise ConfigError(f"task.image_size is {self.image_size}; use a positive multiple of 16")
         if self.max_src_length < 1 or self.max_tgt_length < 1 or self.max_object_length < 0:

@@ -1,7 +1,7 @@
 """`ofa-eval run`: evaluate a finetuned model with its recipe's task, decoding preset and test-time metrics.
 
     ofa-eval run --config configs/finetune/caption_stage1_base.yaml --checkpoint RUN_OR_MODEL --data SHARDS \\
-        --out DIR [--set k=v]...
+        --out DIR [--set k=v]... [--early-exit THRESH]
     torchrun --nproc_per_node 8 -m ofa_scale.cli.evaluate run ...        (data-parallel, gathered once)
 
 CKPT: an ofa-train run directory (its best checkpoint, else latest; EMA weights when stored — finetune/weights.py),
@@ -32,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="torch device (default: this rank's GPU, else cpu)")
     parser.add_argument("--label", default=None, help="the markdown row's first cell (default: the recipe name)")
     parser.add_argument("--no-ema", action="store_true", help="a run's live weights instead of its EMA weights")
+    parser.add_argument("--early-exit", default=None, metavar="THRESH",
+                        help="MuE early exit at this cosine threshold (e.g. 0.95, or encoder=0.99,decoder=0.9; "
+                             "model/early_exit.py); metrics.json records the layers run")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,10 +43,13 @@ def run(args: argparse.Namespace) -> int:
     from ofa_scale.cli import require_empty_out
     from ofa_scale.finetune.evaluate import evaluate, markdown_header, summary_line, write_outputs
     from ofa_scale.finetune.task import make_task
+    from ofa_scale.model import early_exit
+    from ofa_scale.model.early_exit import EarlyExitConfig
     from ofa_scale.parallel import collectives
     from ofa_scale.training.config import load_training_config
 
     cfg = load_training_config(args.config, args.overrides)
+    exits = None if args.early_exit is None else EarlyExitConfig.parse(args.early_exit)
     if not cfg.finetuning:
         raise UserError(f"{args.config} sets no task.name; `ofa-eval run` evaluates finetuning recipes "
                         f"(configs/finetune/*.yaml)")
@@ -62,19 +68,24 @@ def run(args: argparse.Namespace) -> int:
     dtype = torch.float32 if device.type == "cpu" else {"fp32": torch.float32, "bf16": torch.bfloat16,
                                                          "fp16": torch.float16}[cfg.precision]
     model = loaded.model.to(device=device, dtype=dtype).eval()
+    early_exit.enable(model, exits)
     task = make_task(cfg.task, loaded.tokenizer)
     # every rank holds the whole model: forwards are not collective, so no lockstep is needed
     result = evaluate(task, model, args.data, device=device, dtype=dtype, limit=args.limit, final=True,
                       dp_rank=collectives.rank(), dp_size=collectives.world_size())
+    extra = {"checkpoint": loaded.description, "data": str(Path(args.data).resolve()), "recipe": str(args.config),
+             "world_size": collectives.world_size()}
+    if exits is not None:  # all ranks: the layer counts are summed over them
+        extra["early_exit"] = {**exits.describe(), **exits.stats.summed_over_ranks().summary()}
     if collectives.rank() == 0:
         label = args.label or Path(args.config).stem
-        paths = write_outputs(args.out, task, result, label=label,
-                              extra={"checkpoint": loaded.description, "data": str(Path(args.data).resolve()),
-                                     "recipe": str(args.config), "world_size": collectives.world_size()})
+        paths = write_outputs(args.out, task, result, label=label, extra=extra)
         print(f"ofa-eval run: {task.name}: {summary_line(task, result.metrics)} ({result.samples} samples, "
               f"{result.seconds:.1f}s)")
         print(markdown_header(task))
         print(paths["row"].read_text().rstrip())
+        if exits is not None:
+            print(f"ofa-eval run: early exit {extra['early_exit']}")
         print(f"ofa-eval run: wrote {paths['results']}, {paths['metrics']}")
     if world > 1:
         import torch.distributed as dist

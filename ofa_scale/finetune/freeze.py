@@ -107,3 +107,25 @@ def apply_freezing(model: nn.Module, *, encoder_embedding: bool = False, decoder
 
 def _numel(p: torch.Tensor) -> int:
     return int(p.ds_numel) if hasattr(p, "ds_numel") else p.numel()  # ZeRO-3: p.data is an empty placeholder
+
+
+def apply_prompt_freezing(model: nn.Module, kind: str) -> dict[str, int]:
+    """Prompt tuning (model.prompt_tuning, spec-ext §10.3.4): only the prefix tables, the adapters or the BitFit
+    biases train; everything else, the shared token embedding included, is frozen, and the ResNet's BatchNorm
+    statistics too, so the base model stays bit-identical and a prompt checkpoint plus its base reproduces the
+    trained model exactly. Two conscious departures from OFA: its BN statistics keep updating, and its
+    adapter-only run (--adapter without a prompt) freezes only the embedding, which trains the whole backbone.
+
+    Returns {"trainable": elements, "frozen": elements} (this rank's view, as apply_freezing)."""
+    from ofa_scale.model.prompt_tuning import trainable
+
+    counts = {"trainable": 0, "frozen": 0}
+    for name, p in model.named_parameters():
+        keep = trainable(name, kind)
+        p.requires_grad_(keep)
+        counts["trainable" if keep else "frozen"] += _numel(p)
+    if not counts["trainable"]:
+        raise ConfigError(f"model.prompt_tuning.kind={kind} found no parameter to train in this model")
+    for stem in resnet_stems(model):
+        freeze_batchnorm(stem)
+    return counts

@@ -15,6 +15,7 @@ from ofa_scale.errors import UserError
 from ofa_scale.evaluation.generation import batch_inputs
 from ofa_scale.finetune.config import DecodingSection
 from ofa_scale.finetune.task import EvalItem, Lockstep
+from ofa_scale.finetune.text_inputs import text_batch
 from ofa_scale.model.generate import GenerationConfig, generate
 from ofa_scale.objectives.batching import normalise_images
 
@@ -68,7 +69,8 @@ def best_tokens(model: torch.nn.Module, items: Sequence[EvalItem], cfg: Generati
             masks = batch["patch_masks"].to(device)
             inputs = {"src_tokens": batch["src_tokens"].to(device), "patch_masks": masks,
                       # normalised here, in the model's dtype (generate would normalise to fp32)
-                      "patch_images": normalise_images(batch["patch_images"].to(device), masks, dtype)}
+                      "patch_images": normalise_images(batch["patch_images"].to(device), masks, dtype)
+                      } if chunk[0].image.numel() else text_batch(chunk, pad, device)  # text-only (Gigaword)
             hyps = generate(model, inputs, cfg, lockstep=lockstep)
             out.extend(h[0].tokens.cpu() if h else torch.tensor([eos]) for h in hyps)
     return out

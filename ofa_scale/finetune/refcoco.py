@@ -15,8 +15,8 @@ from ofa_scale.errors import UserError
 from ofa_scale.evaluation.metrics.grounding import bins_to_box
 from ofa_scale.evaluation.tasks import ScoreOptions, task_spec
 from ofa_scale.finetune.inputs import TOKENS_PER_WORD, best_tokens, check_pairs, generation_config, square_image
+from ofa_scale.finetune.prompts_cn import task_prompt
 from ofa_scale.finetune.task import EvalItem, Example, FinetuneTask, Lockstep
-from ofa_scale.objectives.builders import GROUNDING_PROMPT
 from ofa_scale.objectives.text import pre_caption
 from ofa_scale.objectives.transforms import box_bins
 
@@ -25,7 +25,8 @@ class RefCOCOTask(FinetuneTask):
     """Examples: the image squashed to S×S (S = task.image_size, 512 in OFA's recipes) and the box scaled with
     it, then divided by `task.box_normaliser` (OFA's max_image_size 512) and quantised to `<bin_i>`
     (spec §2.2); source ' which region does the text " {t} " describe?' with t = pre_caption(text,
-    task.max_src_length); target the 4 bins + eos; prev_output bos + the 4 bins.
+    task.max_src_length); target the 4 bins + eos; prev_output bos + the 4 bins. `task.language: zh` (OFA-CN,
+    RefCOCO-CN): the source is '这段文字" {t} "描述的是哪个区域？' (prompts_cn.py).
 
     Predictions: {"id": uniq-id, "box": [x0, y0, x1, y1] in the record image's pixels (what the reference box
     uses), "bins": the 4 bin indices, "orig_box": the box in the original TSV image's pixels (results.json)}.
@@ -39,7 +40,8 @@ class RefCOCOTask(FinetuneTask):
         super().__init__(cfg, tokenizer)
         if tokenizer.num_bins < 1:
             raise UserError("the refcoco task needs a tokenizer with <bin_i> tokens (num_bins > 0)")
-        self._template = len(tokenizer.encode(GROUNDING_PROMPT.format("")))
+        self._prompt = task_prompt("refcoco", cfg.language, tokenizer)  # zh: OFA-CN's RefCOCO-CN prompt
+        self._template = len(tokenizer.encode(self._prompt.format("")))
 
     # ---- shapes ---------------------------------------------------------------------------------------------
     def lengths(self) -> tuple[int, int]:
@@ -48,7 +50,7 @@ class RefCOCOTask(FinetuneTask):
     # ---- inputs ---------------------------------------------------------------------------------------------
     def _source(self, meta: dict) -> list[int]:
         text = pre_caption(str(meta.get("text", "")), self.cfg.max_src_length)
-        return [self.tok.bos, *self.tok.encode(GROUNDING_PROMPT.format(text)), self.tok.eos]
+        return [self.tok.bos, *self.tok.encode(self._prompt.format(text)), self.tok.eos]
 
     # ---- training -------------------------------------------------------------------------------------------
     def train_examples(self, record: dict) -> list[Example]:

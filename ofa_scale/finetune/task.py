@@ -93,6 +93,11 @@ _REGISTRY = {
     "vqa": "ofa_scale.finetune.vqa:VQATask",
     "refcoco": "ofa_scale.finetune.refcoco:RefCOCOTask",
     "snli_ve": "ofa_scale.finetune.snli_ve:SNLIVETask",
+    "ocr": "ofa_scale.finetune.ocr:OCRTask",
+    "gigaword": "ofa_scale.finetune.gigaword:GigawordTask",
+    # one class for the seven GLUE tasks (glue_cola, glue_sst2, …: the converter's format names)
+    **{name: "ofa_scale.finetune.glue:GLUETask" for name in ("glue_cola", "glue_sst2", "glue_mrpc", "glue_qqp",
+                                                              "glue_mnli", "glue_rte", "glue_qnli")},
 }
 
 

@@ -11,7 +11,9 @@ What it adds to `training.trainer.Trainer` (through its hooks, never a copy of t
   checkpoint of that update is written (once: the regular save of the same update reuses it) and the atomic
   `checkpoints/best` pointer and RUN_DIR/best.json move to it (finetune/best.py);
 * EMA (finetune/ema.py): updated after every optimizer step from `train.ema_start`, stored in every checkpoint;
-* SCST (task.criterion = scst): the update is finetune/scst.py's step instead of the cross-entropy step.
+* SCST (task.criterion = scst): the update is finetune/scst.py's step instead of the cross-entropy step;
+* prompt tuning (model.prompt_tuning): every checkpoint also gets its prompt checkpoint, the tuned parameters alone
+  with the base model's path and content hash (finetune/prompt_checkpoint.py).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class FinetuneTrainer(Trainer):
         self._shapes = None
         self.ema = self._build_ema()
         self.scst = self._build_scst()
+        self.prompt_base = self._prompt_base()
         self.scst_stats = None
         best = BestRecord.load(self.run.root, self.task.main_metric) if self.is_main else None
         self.best: Optional[BestRecord] = collectives.broadcast_object(best, 0)
@@ -76,6 +79,34 @@ class FinetuneTrainer(Trainer):
                 raise UserError(f"{point.tag_dir} holds no EMA weights but train.ema_decay is "
                                 f"{self.cfg.train.ema_decay}; resume with the run's original train.ema_decay")
         return ema
+
+    def _prompt_base(self):
+        """Prompt tuning: the base model's reference (path and content hash, taken before any update), which every
+        prompt checkpoint records (rank 0 hashes and writes them; finetune/prompt_checkpoint.py). A resume keeps the
+        base the run started from, and every rank stops if its files changed since."""
+        if not self.cfg.model.prompt_tuning.enabled:
+            return None
+        from ofa_scale.finetune.prompt_checkpoint import base_reference, check_base, has_prompt_checkpoint, read_meta
+        from ofa_scale.parallel import collectives
+
+        base = failure = None
+        if self.is_main:
+            try:
+                if self.point is not None and has_prompt_checkpoint(self.point.tag_dir):
+                    meta = read_meta(self.point.tag_dir)
+                    check_base(meta, self.point.tag_dir)
+                    base = meta["base"]
+                else:
+                    base = base_reference(self.cfg.model.pretrained)
+            except UserError as e:
+                failure = str(e)
+        failure = collectives.broadcast_object(failure, 0)
+        if failure is not None:
+            raise UserError(failure)
+        if self.is_main:
+            print(f"ofa-train: prompt tuning ({self.cfg.model.prompt_tuning.kind}) on the frozen base "
+                  f"{base['resolved']} (sha256 {base['sha256'][:16]}…)", flush=True)
+        return base
 
     def step(self, step: int) -> dict[str, Any]:
         record = super().step(step)
@@ -138,6 +169,14 @@ class FinetuneTrainer(Trainer):
             if self._shapes is None:
                 self._shapes = full_shapes(self.workload.model_config)
             write_ema_copy(self.ctx, self.ema, tag_dir, self._shapes, step)
+        if self.cfg.model.prompt_tuning.enabled:  # the tuned parameters alone, from the layout-free copy
+            from ofa_scale.finetune.prompt_checkpoint import write_prompt_checkpoint
+            from ofa_scale.parallel import collectives
+
+            collectives.barrier()  # every rank's slices of the copy are on disk
+            if self.is_main:
+                write_prompt_checkpoint(tag_dir, method=self.cfg.model.prompt_tuning.kind, base=self.prompt_base,
+                                        model_config=self.workload.model_config, step=step)
 
     # ---- hooks ---------------------------------------------------------------------------------------------
     def evaluation_due(self, step: int) -> bool:

@@ -3,7 +3,8 @@
 A run directory (or its checkpoints/ directory) means its best checkpoint (`checkpoints/best`, finetuning runs) or,
 when it has none, `latest`; a `checkpoints/step_*` directory means that checkpoint. The EMA weights are used when
 the checkpoint stores them (`<tag>/ema/`, finetune/ema_store.py): they are what validation scored, as OFA
-evaluates its EMA model.
+evaluates its EMA model. A prompt-tuned run's checkpoint is its prompt checkpoint (`<tag>/prompt/`,
+finetune/prompt_checkpoint.py): the base model, hash-checked, plus the tuned parameters.
 """
 
 from __future__ import annotations
@@ -39,6 +40,12 @@ def load_run_eval_model(path: str | Path, *, ema: bool = True):
     tag_dir = run_checkpoint(path)
     if tag_dir is None:
         raise UserError(f"{path} is not an ofa-train run directory or one of its checkpoints")
+    from ofa_scale.finetune.prompt_checkpoint import has_prompt_checkpoint
+
+    if has_prompt_checkpoint(tag_dir):  # prompt tuning: the hash-checked base model plus the tuned parameters
+        from ofa_scale.finetune.prompt_checkpoint import load_prompt_eval_model
+
+        return load_prompt_eval_model(tag_dir)
     loaded = load_eval_model(tag_dir)
     use_ema = ema and has_ema_copy(tag_dir)
     if use_ema:

@@ -91,7 +91,7 @@ class FinetuneWorkload(OFAPretraining):
     # ---- model ---------------------------------------------------------------------------------------------
     def load_pretrained_into(self, model, ctx=None) -> None:
         if self.cfg.model.pretrained:
-            load_pretrained_weights(model, self.cfg.model.pretrained, self.model_config, ctx)
+            load_pretrained_weights(model, self.cfg.model.pretrained, self.model_config, ctx, seed=self.cfg.train.seed)
 
     def pipeline_shapes(self) -> dict:
         vl = self.objectives.vl

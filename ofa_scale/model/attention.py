@@ -7,6 +7,9 @@ is row-parallel, and `c_attn` holds only the local heads. Batch-first tensors th
 Caching for incremental decoding (`cache`, a dict owned by the caller):
 * self-attention appends this call's keys/values to cache["k"], cache["v"] (B, H, T, hd);
 * cross-attention (`static_kv=True`) projects the encoder states once and reuses them on later calls.
+
+Prompt tuning (`prefix_length` > 0, self-attention only): learned prefix keys/values are prepended after the cache
+update, with the bias, padding mask and causal offset widened to match (model/prompt_tuning.py).
 """
 
 from __future__ import annotations
@@ -17,10 +20,11 @@ from torch import nn
 from ofa_scale.model import kernels
 from ofa_scale.model.config import OFAConfig
 from ofa_scale.model.layers import LayerFactory
+from ofa_scale.model.prompt_tuning import PrefixKeyValues
 
 
 class MultiheadAttention(nn.Module):
-    def __init__(self, cfg: OFAConfig, layers: LayerFactory):
+    def __init__(self, cfg: OFAConfig, layers: LayerFactory, prefix_length: int = 0):
         super().__init__()
         d = cfg.d_model
         self.head_dim = cfg.head_dim
@@ -37,6 +41,10 @@ class MultiheadAttention(nn.Module):
         self.v_proj = layers.column_linear(d, d, True)
         self.q_proj = layers.column_linear(d, d, True)
         self.out_proj = layers.row_linear(d, d, True)
+        # ---- prompt tuning (spec-ext §10.3.3, model/prompt_tuning.py): prefix keys/values of this rank's heads ----
+        self.prefix = None
+        if prefix_length:
+            self.prefix = PrefixKeyValues(prefix_length, self.local_heads, self.head_dim, cfg.prompt_dropout)
 
     def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
@@ -69,6 +77,10 @@ class MultiheadAttention(nn.Module):
                     k = torch.cat([cache["k"], k], dim=2)
                     v = torch.cat([cache["v"], v], dim=2)
                 cache["k"], cache["v"] = k, v
+        # ---- prompt tuning: the prefix joins after the cache update (never cached, re-prepended every step) ----
+        if self.prefix is not None:
+            k, v, bias, key_padding_mask, causal_offset = self.prefix.extend(k, v, bias, key_padding_mask,
+                                                                             causal_offset)
         dropout_p = self.dropout_p if self.training else 0.0
         out = kernels.attention(q, k, v, bias, key_padding_mask, causal_offset, self.impl, dropout_p)
         if self.c_attn is not None:

@@ -19,6 +19,7 @@ from ofa_scale.model.attention import MultiheadAttention
 from ofa_scale.model.config import OFAConfig
 from ofa_scale.model.kernels import make_layer_norm
 from ofa_scale.model.layers import LayerFactory
+from ofa_scale.model.prompt_tuning import make_adapter
 from ofa_scale.model.resnet import drop_path
 
 
@@ -28,6 +29,7 @@ class _ResidualBranches:
 
     fc1: nn.Module
     fc2: nn.Module
+    adapter: nn.Module | None
     ffn_layernorm: nn.Module | None
     final_layer_norm: nn.Module
 
@@ -37,6 +39,8 @@ class _ResidualBranches:
         if self.ffn_layernorm is not None:
             h = self.ffn_layernorm(h)
         h = F.dropout(self.fc2(h), self.dropout, self.training)
+        if self.adapter is not None:  # prompt tuning's adapter (spec-ext §10.3.5): before the residual add
+            h = self.adapter(h)
         return x + drop_path(h, self.drop_path_rate, self.training)
 
     def _residual(self, residual: torch.Tensor, branch: torch.Tensor, post_ln: nn.Module | None) -> torch.Tensor:
@@ -57,7 +61,7 @@ class EncoderLayer(nn.Module, _ResidualBranches):
         self.dropout = cfg.dropout
         self.activation_dropout = cfg.activation_dropout
         self.drop_path_rate = float(drop_path_rate)
-        self.self_attn = MultiheadAttention(cfg, layers)
+        self.self_attn = MultiheadAttention(cfg, layers, prefix_length=cfg.encoder_prompt_length)
         self.self_attn_layer_norm = make_layer_norm(d, eps)
         self.fc1 = layers.column_linear(d, cfg.ffn_dim, True)
         self.fc2 = layers.row_linear(cfg.ffn_dim, d, True)
@@ -65,6 +69,7 @@ class EncoderLayer(nn.Module, _ResidualBranches):
         # normalises over the full FFN width; under TP each rank holds a shard, so the factory supplies it
         self.ffn_layernorm = layers.ffn_layernorm(cfg.ffn_dim, eps) if cfg.scale_fc else None
         self.final_layer_norm = make_layer_norm(d, eps)
+        self.adapter = make_adapter(cfg)  # prompt tuning (None unless model.adapter_dim)
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None, attn_bias: torch.Tensor) -> torch.Tensor:
         """x (B,L,D); padding_mask (B,L) bool or None; attn_bias (B,H_local,L,L) -> (B,L,D)."""
@@ -80,7 +85,7 @@ class DecoderLayer(nn.Module, _ResidualBranches):
         self.dropout = cfg.dropout
         self.activation_dropout = cfg.activation_dropout
         self.drop_path_rate = float(drop_path_rate)
-        self.self_attn = MultiheadAttention(cfg, layers)
+        self.self_attn = MultiheadAttention(cfg, layers, prefix_length=cfg.decoder_prompt_length)
         self.self_attn_ln = _optional_ln(cfg.scale_attn, d, eps)
         self.cross_attn_ln = _optional_ln(cfg.scale_attn, d, eps)
         self.self_attn_layer_norm = make_layer_norm(d, eps)
@@ -90,6 +95,7 @@ class DecoderLayer(nn.Module, _ResidualBranches):
         self.fc1 = layers.column_linear(d, cfg.ffn_dim, True)
         self.fc2 = layers.row_linear(cfg.ffn_dim, d, True)
         self.final_layer_norm = make_layer_norm(d, eps)
+        self.adapter = make_adapter(cfg)  # prompt tuning (None unless model.adapter_dim)
 
     def forward(
         self,

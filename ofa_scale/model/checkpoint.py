@@ -17,6 +17,10 @@ Row resizing (spec §5.1), decided here:
   encoder/decoder/output projection all grow). More rows: an error, unless `truncate_vocab=True`, because the
   dropped rows are real tokens of the checkpoint's dictionary.
 Appended rows come from a torch.Generator seeded with `seed`, so an import is reproducible.
+
+OFA-CN checkpoints (spec §10.1.3) import the same way (their [30325, d] embedding sets vocab_size); the model
+directory records the checkpoint's tokenizer kind ("bert" for `bpe=bert`), and `--tokenizer-path` checks the
+rows against the tokenizer the model will run with.
 """
 
 from __future__ import annotations
@@ -337,6 +341,7 @@ class ImportReport:
     source_dtypes: dict[str, int]  # dtype name -> number of tensors in the checkpoint
     config_source: str  # "cfg.model", "args" or "shapes"
     used_ema: bool
+    tokenizer_kind: str = "gpt2-bpe"  # OFA-CN (bpe=bert): "bert", see checkpoint_tokenizer_kind
 
 
 def read_fairseq_checkpoint(
@@ -381,7 +386,34 @@ def read_fairseq_checkpoint(
             dtypes[str(v.dtype).replace("torch.", "")] += 1
     weights = convert_state_dict(state, _expected_for(config), source=str(path), seed=seed,
                                  truncate_vocab=truncate_vocab)
-    return config, weights, ImportReport(config, dict(dtypes), origin, use_ema)
+    return config, weights, ImportReport(config, dict(dtypes), origin, use_ema, checkpoint_tokenizer_kind(ckpt))
+
+
+# ---- OFA-CN (issue 13 §1, spec §10.1.3) -------------------------------------------------------------------------
+# OFA-CN checkpoints differ from the English ones only in the three (tied) vocabulary-sized tensors: [30325, d]
+# for BERT-CN's 21,128 pieces + <mask> + 8192 codes + 1000 bins, read above like any other row count. What the
+# weights cannot say is which tokenizer their rows belong to: fairseq records it as the task's `bpe` option.
+def checkpoint_tokenizer_kind(ckpt: Mapping) -> str:
+    """"bert" for a checkpoint trained with `bpe=bert` (OFA-CN: cfg.task.bpe, or legacy args.bpe), else
+    "gpt2-bpe" (OFAConfig.bpe's default)."""
+    cfg = ckpt.get("cfg")
+    bpe = _get(_get(cfg, "task"), "bpe") if cfg is not None else None
+    if bpe is None:
+        bpe = _get(ckpt.get("args"), "bpe")
+    return "bert" if str(bpe) == "bert" else "gpt2-bpe"
+
+
+def check_tokenizer_rows(config: OFAConfig, kind: str, path: str | Path, source: str) -> int:
+    """Refuse an import whose token embedding does not have one row per id of the tokenizer it will run with
+    (e.g. an OFA-CN checkpoint with the GPT-2 BPE); returns the tokenizer's size."""
+    from ofa_scale.data.tokenizer import load_tokenizer
+
+    size = len(load_tokenizer(kind, path))
+    if size != config.vocab_size:
+        raise UserError(f"{source} has {config.vocab_size} token embeddings but the {kind} tokenizer in {path} has "
+                        f"{size} ids; pass the tokenizer this checkpoint was trained with (OFA-CN: --tokenizer-kind "
+                        f"bert with the directory of OFA's utils/BERT_CN_dict/vocab.txt)")
+    return size
 
 
 def import_fairseq_checkpoint(path: str | Path, **kwargs):
@@ -499,6 +531,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed for appended embedding rows")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
                         help="override an OFAConfig field of the inferred architecture (repeatable)")
+    # OFA-CN (issue 13 §1): check the embedding rows against the tokenizer the model will be used with
+    from ofa_scale.data.tokenizer import KINDS
+
+    parser.add_argument("--tokenizer-kind", choices=KINDS, default=None,
+                        help="tokenizer kind for --tokenizer-path (default: the checkpoint's bpe option: bert for "
+                             "OFA-CN checkpoints, else gpt2-bpe)")
+    parser.add_argument("--tokenizer-path", default=None,
+                        help="tokenizer directory (OFA-CN: the one holding BERT_CN_dict's vocab.txt); the import "
+                             "is refused unless the token embedding has exactly one row per tokenizer id")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -509,13 +550,16 @@ def run(args: argparse.Namespace) -> int:
     config, weights, report = read_fairseq_checkpoint(
         args.checkpoint, vocab_size=args.vocab_size, use_ema=args.ema, truncate_vocab=args.truncate_vocab,
         seed=args.seed, config_overrides=args.overrides)
+    kind = args.tokenizer_kind or report.tokenizer_kind
+    if args.tokenizer_path:
+        check_tokenizer_rows(config, kind, args.tokenizer_path, args.checkpoint)
     model = build_model(config, weights)
     out = save_pretrained(model, args.out, extra={
         "imported_from": str(Path(args.checkpoint).resolve()), "config_source": report.config_source,
-        "source_dtypes": report.source_dtypes, "ema": report.used_ema})
+        "source_dtypes": report.source_dtypes, "ema": report.used_ema, "tokenizer_kind": kind})
     n_params = sum(p.numel() for p in model.parameters())
     print(f"imported {args.checkpoint}: arch={config.arch} d_model={config.d_model} layers="
           f"{config.encoder_layers}/{config.decoder_layers} vocab={config.vocab_size} params={n_params:,} "
-          f"(config from {report.config_source}; source dtypes {report.source_dtypes}) -> {out} "
+          f"(config from {report.config_source}; source dtypes {report.source_dtypes}; tokenizer {kind}) -> {out} "
           f"in {time.perf_counter() - t0:.1f}s")
     return 0

@@ -61,6 +61,12 @@ class OFAConfig:
     init_std: float = 0.02  # fairseq init_bert_params
     # kernels
     attention_impl: AttentionImpl = "sdpa"
+    # prompt tuning (spec-ext §10.3; ofa_scale/model/prompt_tuning.py): parameters added to the base model, 0 = off.
+    # Set from the training config's model.prompt_tuning section, not by hand.
+    encoder_prompt_length: int = 0  # prefix key/value pairs in every encoder self-attention
+    decoder_prompt_length: int = 0  # ... in every decoder self-attention (cross-attention never gets one)
+    prompt_dropout: float = 0.2  # on the prefix key/values (OFA hard-codes 0.2)
+    adapter_dim: int = 0  # bottleneck adapter after every layer's FFN, of this width
 
     @property
     def head_dim(self) -> int:
@@ -102,6 +108,11 @@ class OFAConfig:
                      "decoder_drop_path_rate", "resnet_drop_path_rate"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"model.{name}={getattr(self, name)} must be in [0, 1)")
+        if not 0.0 <= self.prompt_dropout < 1.0:
+            raise ConfigError(f"model.prompt_dropout={self.prompt_dropout} must be in [0, 1)")
+        for name in ("encoder_prompt_length", "decoder_prompt_length", "adapter_dim"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"model.{name} must be >= 0 (0 = off)")
         for name in ("encoder_layers", "decoder_layers", "heads", "d_model", "ffn_dim"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"model.{name} must be a positive integer")

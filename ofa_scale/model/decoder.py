@@ -34,7 +34,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ofa_scale.errors import UserError
-from ofa_scale.model import positions
+from ofa_scale.model import early_exit, positions
 from ofa_scale.model.blocks import DecoderLayer
 from ofa_scale.model.config import OFAConfig
 from ofa_scale.model.encoder import EncoderOut
@@ -66,6 +66,13 @@ def relative_self_bias(abs_bias: torch.Tensor, token_table: nn.Module, image_tab
                        code_masks: torch.Tensor | None) -> torch.Tensor:
     """(B, H_local, Tq, T) self-attention bias of one decoder layer: the shared absolute bias plus the layer's text
     relative table, or for code-mode rows (code_masks True) its image table. Buckets are (Tq, T) int64."""
+    # [H8 image_gen] past max_target_positions the text table has no buckets (text_buckets is cut short): only
+    # code-mode rows get that far (image_gen feeds bos + 1024 codes to place eos), and OFA then uses the image
+    # table alone, as here. Checked only in that case, so the usual path has no host sync.
+    if code_masks is not None and text_buckets.shape != image_buckets.shape:
+        if not bool(code_masks.all()):
+            raise UserError("a text-mode target row is longer than max_target_positions")
+        return abs_bias + image_table(image_buckets).permute(2, 0, 1)[None].to(abs_bias.dtype)
     text = token_table(text_buckets).permute(2, 0, 1)[None].to(abs_bias.dtype)
     if code_masks is None:
         return abs_bias + text
@@ -87,6 +94,8 @@ class DecoderPositions:
 
 
 class OFADecoder(nn.Module):
+    early_exit: "early_exit.EarlyExitConfig | None" = None  # MuE inference exits (early_exit.enable); None = off
+
     def __init__(self, cfg: OFAConfig, layers: LayerFactory, embed_tokens: nn.Module):
         super().__init__()
         d, eps = cfg.d_model, cfg.layer_norm_eps
@@ -216,10 +225,16 @@ class OFADecoder(nn.Module):
         x, self_pad, pos = self.embed(prev_output_tokens, code_masks, start)
         cross = self.cross_bias(pos, encoder_out.position_embeddings, incremental_state)
         causal_offset = None if full_context_alignment else start
-        for i, layer in enumerate(self.layers):
-            cache = None if incremental_state is None else incremental_state.setdefault(f"decoder.layers.{i}", {})
-            x = layer(x, self_pad, self.self_bias(i, pos), encoder_out.states, encoder_out.padding_mask, cross,
-                      causal_offset=causal_offset, cache=cache)
+        # --- MuE early exit (H4, model/early_exit.py): per-sample exits that keep the KV cache whole; None = unchanged
+        if self.early_exit is not None:
+            x = early_exit.run_decoder_layers(self, x, self_pad, pos, encoder_out, cross, causal_offset,
+                                              incremental_state, self.early_exit)
+        else:
+            for i, layer in enumerate(self.layers):
+                cache = None if incremental_state is None else incremental_state.setdefault(f"decoder.layers.{i}",
+                                                                                            {})
+                x = layer(x, self_pad, self.self_bias(i, pos), encoder_out.states, encoder_out.padding_mask, cross,
+                          causal_offset=causal_offset, cache=cache)
         if incremental_state is not None:
             incremental_state[STEPS_KEY] = prev_output_tokens.shape[1]
         return self.project(x)

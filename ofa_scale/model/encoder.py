@@ -32,7 +32,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ofa_scale.errors import UserError
-from ofa_scale.model import positions
+from ofa_scale.model import early_exit, positions
 from ofa_scale.model.blocks import EncoderLayer
 from ofa_scale.model.config import OFAConfig
 from ofa_scale.model.kernels import make_layer_norm
@@ -98,6 +98,8 @@ def relative_layer_bias(abs_bias: torch.Tensor, token_table: nn.Module, image_ta
 
 
 class OFAEncoder(nn.Module):
+    early_exit: "early_exit.EarlyExitConfig | None" = None  # MuE inference exits (early_exit.enable); None = off
+
     def __init__(self, cfg: OFAConfig, layers: LayerFactory, embed_tokens: nn.Module):
         super().__init__()
         d, eps = cfg.d_model, cfg.layer_norm_eps
@@ -239,8 +241,12 @@ class OFAEncoder(nn.Module):
         x, padding_mask, pos = self.embed(src_tokens, patch_images, patch_masks, sample_patch_num, generator)
         # like OFA, skip the key mask when nothing is padded (saves a masked copy of the bias per layer)
         layer_mask = padding_mask if bool(padding_mask.any()) else None
-        for i, layer in enumerate(self.layers):
-            x = layer(x, layer_mask, self.layer_bias(i, pos))
+        # --- MuE early exit (H4, model/early_exit.py): with a config the loop stops per sample; None = unchanged
+        if self.early_exit is not None:
+            x = early_exit.run_encoder_layers(self, x, padding_mask, layer_mask, pos, self.early_exit)
+        else:
+            for i, layer in enumerate(self.layers):
+                x = layer(x, layer_mask, self.layer_bias(i, pos))
         return EncoderOut(
             states=self.finalize(x),
             padding_mask=padding_mask,

@@ -37,6 +37,7 @@ import torch
 from torch.nn import functional as F
 
 from ofa_scale.errors import ConfigError
+from ofa_scale.model import early_exit
 from ofa_scale.model.candidates import run_in_lockstep, score_tree
 from ofa_scale.utils.trie import Trie
 
@@ -447,6 +448,8 @@ def generate(
         encoder_out = _reorder_encoder_out(model, encoder_out, order)
         code_masks = None if code_masks is None else code_masks.index_select(0, order)
     stepper = _Stepper(model, encoder_out, code_masks, cfg.use_cache)
+    # MuE early exit (model/early_exit.py): a sample's rows decide jointly; the step schedule needs max_len
+    early_exit.start_decoding(model, stepper.state, groups=order, max_len=max_len)
     rows = _Rows(prefix.index_select(0, order), prefix_len.index_select(0, order),
                  None if tries is None else [tries[i] for i in order.tolist()])
     if cfg.greedy or cfg.sampling:

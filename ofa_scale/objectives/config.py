@@ -30,6 +30,8 @@ SOURCES: tuple[str, ...] = tuple(SOURCE_TASKS)
 GROUPS: tuple[str, ...] = ("vl", "aux")
 TASK_GROUP: dict[str, str] = {t: ("vl" if s == "vl" else "aux") for s, ts in SOURCE_TASKS.items() for t in ts}
 
+LOSSES = ("ce", "encouraging")  # objectives.loss
+
 # OFA's reference sizes: every pixel constant of spec §2.1 is stated for these.
 OFA_VL_IMAGE_SIZE = 384
 OFA_AUX_IMAGE_SIZE = 256
@@ -94,6 +96,10 @@ class ObjectivesConfig:
     loss_normalization: Literal["per_group", "global_tokens"] = "per_group"
     drop_worst_ratio: float = 0.0
     drop_worst_after: int = 0
+    # encouraging: OFA's Encouraging Loss (spec §10.4), a bonus on top of the label-smoothed cross entropy whose
+    # b(p) = log(1 − p) is replaced above p = log_end by its tangent (1 = no tangent); objectives/token_loss.py
+    loss: Literal["ce", "encouraging"] = "ce"
+    log_end: float = 0.75
 
     def __post_init__(self) -> None:
         # A YAML `mix:` naming only some sources keeps OFA's ratio for the others (set 0 to turn one off).
@@ -137,10 +143,20 @@ class ObjectivesConfig:
             raise ConfigError(f"objectives.label_smoothing is {self.label_smoothing}; use a value in [0, 1)")
         if not 0.0 <= self.drop_worst_ratio < 1.0:
             raise ConfigError(f"objectives.drop_worst_ratio is {self.drop_worst_ratio}; use a value in [0, 1)")
+        if self.loss not in LOSSES:
+            raise ConfigError(f"objectives.loss is {self.loss!r}; use one of {', '.join(LOSSES)}")
+        if not 0.0 < self.log_end <= 1.0:
+            raise ConfigError(f"objectives.log_end is {self.log_end}; the Encouraging Loss needs a probability in "
+                              f"(0, 1] (OFA: 0.75; try 0.5 or 0.75 first)")
         if not 0.0 <= self.itm_positive_prob <= 1.0:
             raise ConfigError("objectives.itm_positive_prob must be a probability in [0, 1]")
         if self.augment_ops < 0 or not 0 <= self.augment_magnitude <= 10:
             raise ConfigError("objectives.augment_ops must be >= 0 and augment_magnitude in 0..10")
+
+    @property
+    def encouraging_log_end(self) -> float | None:
+        """The token loss's `log_end`: set with objectives.loss=encouraging, None for plain cross entropy."""
+        return self.log_end if self.loss == "encouraging" else None
 
     def enabled(self, task: str) -> bool:
         return task in self.tasks

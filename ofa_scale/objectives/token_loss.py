@@ -16,6 +16,13 @@ applied before the softmax, so they restrict both the softmax and the smoothing 
 with −inf, then smooths over the allowed set). Pad targets never reach the softmax: only the valid positions'
 rows are computed (their number is the same on every tensor-parallel rank, which share the targets).
 
+Encouraging Loss (`log_end` set; spec §10.4.2, OFA's label_smoothed_encouraging_loss.py): each kept token adds
+the bonus (1 − ε)·b(p_y) + (ε / V)·Σ_v b(p_v), b(p) = log(max(1 − p, 1e−5)), replaced above `log_end` by its
+tangent at `log_end`, p = exp(conf · log-prob) (OFA multiplies the log-probs by conf before both terms), V the real
+vocabulary size (masked ids have p = 0, b = 0). Drop-worst ranks tokens by the label-smoothed loss without the
+bonus (`TokenLosses.rank`), as OFA adds the bonus after its drop-worst. Σ_v b(p_v) is a sum over the vocabulary
+like the others, so the bonus splits over tensor-parallel slices the same way.
+
 The loss is replicated on every tensor-parallel rank. The sums that carry gradients use megatron's "reduce" region
 (sum forward, identity backward), so each rank gets exactly the gradient of its own logits; the others (the max,
 the set size, the argmax) carry none and go through ofa_scale/parallel/collectives.py.
@@ -23,6 +30,7 @@ the set size, the argmax) carry none and go through ofa_scale/parallel/collectiv
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Optional, Protocol, runtime_checkable
 
@@ -39,6 +47,8 @@ class TokenLosses:
     nll: torch.Tensor  # conf-weighted negative log-likelihood of the target
     valid: torch.Tensor  # bool: the position counts (non-pad target, not dropped)
     correct: torch.Tensor  # bool: the argmax over the allowed set is the target (token accuracy)
+    # what drop-worst ranks by when it is not `loss`: with the Encouraging Loss, the label-smoothed loss alone
+    rank: Optional[torch.Tensor] = None
 
     def drop_worst(self, ratio: float) -> "TokenLosses":
         """OFA's drop-worst (spec §6.1 step 5): keep the `kept_tokens(N, ratio)` valid positions with the smallest
@@ -47,13 +57,15 @@ class TokenLosses:
         if ratio <= 0.0:
             return self
         keep = kept_tokens(int(self.valid.sum()), ratio)
-        flat = self.loss.detach().masked_fill(~self.valid, float("inf")).flatten()
+        key = self.loss if self.rank is None else self.rank
+        flat = key.detach().masked_fill(~self.valid, float("inf")).flatten()
         kept = torch.zeros_like(self.valid).flatten()
         kept[torch.topk(flat, k=keep, largest=False).indices] = True
         kept = kept.view_as(self.valid)
         zero = torch.zeros((), dtype=self.loss.dtype, device=self.loss.device)
         return TokenLosses(loss=torch.where(kept, self.loss, zero), nll=torch.where(kept, self.nll, zero),
-                           valid=kept, correct=self.correct & kept)
+                           valid=kept, correct=self.correct & kept,
+                           rank=None if self.rank is None else torch.where(kept, self.rank, zero))
 
 
 def kept_tokens(n_valid: int, drop_worst_ratio: float = 0.0) -> int:
@@ -79,14 +91,18 @@ class TokenLoss(Protocol):
 class VocabParallelTokenLoss:
     """The formula on this rank's vocabulary slice [vocab_start, vocab_start + V_local), summed over `group`
     (`tp_size` ranks). Ids >= `real_vocab` are padding rows and take no probability mass; `real_vocab=None`
-    (one slice only) means every column is real."""
+    (one slice only) means every column is real. `log_end` (0, 1]: add the Encouraging Loss bonus (module
+    docstring); None: label-smoothed cross entropy only."""
 
     def __init__(self, epsilon: float, ignore_index: int, *, vocab_start: int = 0, real_vocab: Optional[int] = None,
-                 group: Any = None, tp_size: int = 1):
+                 group: Any = None, tp_size: int = 1, log_end: Optional[float] = None):
         if tp_size > 1 and real_vocab is None:
             raise ValueError("real_vocab is required when the vocabulary is split")
         if not 0.0 <= epsilon < 1.0:
             raise ValueError(f"label smoothing epsilon is {epsilon}; use a value in [0, 1)")
+        if log_end is not None and not 0.0 < log_end <= 1.0:
+            raise ValueError(f"encouraging loss log_end is {log_end}; use a value in (0, 1]")
+        self.log_end = None if log_end is None else float(log_end)
         self.epsilon = float(epsilon)
         self.ignore_index = int(ignore_index)
         self.vocab_start = int(vocab_start)
@@ -169,6 +185,10 @@ class VocabParallelTokenLoss:
                 smooth = smooth * weight
             eps_i = self.epsilon / (count - 1).clamp_min(1)
             loss = (1.0 - self.epsilon - eps_i) * nll + eps_i * smooth
+        rank = None
+        if self.log_end is not None:
+            rank = loss
+            loss = loss + self._encouraging_bonus(z, log_norm, target_lp, weight, allowed, v_local)
 
         with torch.no_grad():  # accuracy: the argmax over the whole allowed vocabulary is the target
             local_best, local_arg = masked.max(-1)
@@ -179,24 +199,74 @@ class VocabParallelTokenLoss:
         correct[valid] = hit
         zeros = x.new_zeros((b, t))
         return TokenLosses(loss=zeros.masked_scatter(valid, loss), nll=zeros.masked_scatter(valid, nll),
-                           valid=valid, correct=correct)
+                           valid=valid, correct=correct,
+                           rank=None if rank is None else zeros.masked_scatter(valid, rank))
+
+    def _bonus(self, p: torch.Tensor) -> torch.Tensor:
+        """b(p) = log(max(1 − p, 1e−5)); above log_end the tangent line at log_end (OFA's conservative version)."""
+        b = torch.log(torch.clamp(1.0 - p, min=1e-5))
+        end = self.log_end
+        if end != 1.0:
+            b = torch.where(p > end, (p - end) / (end - 1.0) + math.log(1.0 - end), b)
+        return b
+
+    def _encouraging_bonus(self, z: torch.Tensor, log_norm: torch.Tensor, target_lp: torch.Tensor,
+                           weight: Optional[torch.Tensor], allowed: Optional[torch.Tensor], v_local: int
+                           ) -> torch.Tensor:
+        """(N,) per kept token: (1 − ε)·b(p_y) + (ε / V)·Σ_v b(p_v). This slice's log-probs are z − log_norm
+        (N, V_local); where not allowed they become −inf as in OFA (p = 0, b = 0) before any exp, so a large masked
+        logit cannot overflow into the gradient."""
+        lp = z - log_norm.unsqueeze(-1)
+        bonus = (1.0 - self.epsilon) * self._bonus(torch.exp(target_lp if weight is None else target_lp * weight))
+        if self.epsilon > 0.0:
+            split = self.tp_size > 1
+            if split:  # see below: the log-normaliser's share of the gradient is added by hand
+                lp = z - log_norm.detach().unsqueeze(-1)
+            if allowed is not None:
+                lp = lp.masked_fill(~allowed, float("-inf"))
+            w = None if weight is None else weight.unsqueeze(-1)
+            p = torch.exp(lp if w is None else lp * w)
+            b_sum = self._sum(self._bonus(p).sum(-1))
+            if split:
+                # Σ_v b(p_v) depends on the log-normaliser through every slice's entries, but the reduce region's
+                # identity backward would give each rank only its own slice's share. Add the whole (all-reduced,
+                # replicated) derivative d/d(log_norm) = −w·Σ_v b'(p_v)·p_v times (log_norm − log_norm.detach()):
+                # zero in the forward pass, the exact gradient backward.
+                with torch.no_grad():
+                    slope = self._reduce_no_grad((self._bonus_slope(p) * p).sum(-1), "sum")
+                    slope = -slope if weight is None else -slope * weight
+                b_sum = b_sum + slope * (log_norm - log_norm.detach())
+            vocab = self.real_vocab if self.real_vocab is not None else v_local
+            bonus = bonus + (self.epsilon / vocab) * b_sum
+        return bonus
+
+    def _bonus_slope(self, p: torch.Tensor) -> torch.Tensor:
+        """db/dp of `_bonus`: −1/(1 − p), 0 where the 1e−5 clamp holds, 1/(log_end − 1) on the tangent."""
+        slope = torch.where(1.0 - p > 1e-5, -1.0 / (1.0 - p).clamp_min(1e-5), torch.zeros_like(p))
+        end = self.log_end
+        if end != 1.0:
+            slope = torch.where(p > end, torch.full_like(p, 1.0 / (end - 1.0)), slope)
+        return slope
 
 
 class SingleProcessTokenLoss(VocabParallelTokenLoss):
     """The vocabulary-parallel loss with one slice holding the whole vocabulary (no collective). `real_vocab`
     excludes padded output columns, if the logits have any."""
 
-    def __init__(self, epsilon: float = 0.0, ignore_index: int = 1, real_vocab: Optional[int] = None):
-        super().__init__(epsilon, ignore_index, vocab_start=0, real_vocab=real_vocab, group=None, tp_size=1)
+    def __init__(self, epsilon: float = 0.0, ignore_index: int = 1, real_vocab: Optional[int] = None,
+                 log_end: Optional[float] = None):
+        super().__init__(epsilon, ignore_index, vocab_start=0, real_vocab=real_vocab, group=None, tp_size=1,
+                         log_end=log_end)
 
 
-def make_token_loss(ctx: Any, epsilon: float, ignore_index: int) -> TokenLoss:
-    """The token loss for a ParallelContext's logits (vocabulary-split when tp > 1); `ctx=None`: one process."""
+def make_token_loss(ctx: Any, epsilon: float, ignore_index: int, log_end: Optional[float] = None) -> TokenLoss:
+    """The token loss for a ParallelContext's logits (vocabulary-split when tp > 1); `ctx=None`: one process.
+    `log_end`: the Encouraging Loss (objectives.loss: encouraging); None: label-smoothed cross entropy."""
     if ctx is None:
-        return SingleProcessTokenLoss(epsilon, ignore_index)
+        return SingleProcessTokenLoss(epsilon, ignore_index, log_end=log_end)
     real_vocab = ctx.layout.vocab_size
     if ctx.tp_size == 1:
-        return SingleProcessTokenLoss(epsilon, ignore_index, real_vocab=real_vocab)
+        return SingleProcessTokenLoss(epsilon, ignore_index, real_vocab=real_vocab, log_end=log_end)
     start, _ = ctx.vocab_range()
     return VocabParallelTokenLoss(epsilon, ignore_index, vocab_start=start, real_vocab=real_vocab, group=ctx.tp_group,
-                                  tp_size=ctx.tp_size)
+                                  tp_size=ctx.tp_size, log_end=log_end)

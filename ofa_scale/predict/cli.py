@@ -4,10 +4,12 @@
     ofa-predict --model ofa_base.pt --tokenizer-path bpe/ --task vqa --input questions.jsonl --out answers.jsonl \\
         [--answers answers.txt]
     ofa-predict --model RUN --task grounding --input refcoco_val.tsv --out boxes.jsonl --draw-boxes drawn/
+    ofa-predict --model RUN --task image_gen --vqgan vqgan/ --input captions.txt --out gen.jsonl [--samples 24]
 
 Output lines, in input order: {"id", <field>} with caption `caption`, vqa `answer`, grounding `box` ([x0, y0, x1,
-y1] in the original image's pixels), snli_ve `label` (yes / no / maybe), instruct `text`; a failed input gets
-{"id", "error"} and the run goes on. Exit status: 0 when every input got a prediction, 1 when any failed, 2 for a
+y1] in the original image's pixels), snli_ve `label` (yes / no / maybe), instruct `text`, image_gen `images`
+(PNG paths in <OUT>_images/ beside OUT, best first, with their `logprobs`); a failed input gets {"id", "error"}
+and the run goes on. Exit status: 0 when every input got a prediction, 1 when any failed, 2 for a
 usage error (nothing run).
 """
 
@@ -25,7 +27,7 @@ from typing import Any, Iterable, Iterator, Optional
 from ofa_scale.cli import run_cli
 from ofa_scale.errors import UserError
 from ofa_scale.predict.inputs import PredictInput, open_image, read_inputs
-from ofa_scale.predict.tasks import TASK_CHOICES, Predictor, get_spec, task_section
+from ofa_scale.predict.tasks import IMAGE_GEN, TASK_CHOICES, Predictor, get_spec, task_section
 
 PROGRESS_EVERY_S = 2.0
 
@@ -41,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ofa-train run dir (its best checkpoint, EMA weights when stored), a checkpoints/step_* dir, "
                         "an ofa-scale model dir or a released OFA .pt")
     p.add_argument("--task", required=True, choices=TASK_CHOICES,
-                   help="classify and image_gen are not available yet")
+                   help="classify is not available yet")
     p.add_argument("--input", required=True, metavar="PATH", help="folder of images, .tsv or .jsonl")
     p.add_argument("--out", required=True, metavar="OUT.jsonl")
     p.add_argument("--tokenizer-path", default=None, metavar="DIR",
@@ -61,6 +63,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a task-section value, e.g. --set decoding.beam=1 --set image_size=384")
     p.add_argument("--no-ema", action="store_true", help="a run's live weights instead of its EMA weights")
+    p.add_argument("--vqgan", default=None, metavar="DIR",
+                   help="image_gen: the taming VQGAN (model.yaml + last.ckpt) that turns codes into pixels")
+    p.add_argument("--samples", type=int, default=24, metavar="N",
+                   help="image_gen: images per caption (default 24, OFA's). Without CLIP they are ranked by the "
+                        "model's own sequence log-probability, best first")
+    p.add_argument("--seed", type=int, default=42, metavar="S",
+                   help="image_gen: caption i (0-based) samples with seed S+i, so its images are reproducible")
+    p.add_argument("--early-exit", default=None, metavar="THRESH",
+                   help="MuE early exit at this cosine threshold (e.g. 0.95, or encoder=0.99,decoder=0.9); the "
+                        "summary line says how many layers ran")
     return p
 
 
@@ -70,9 +82,16 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
+    from ofa_scale.model import early_exit
 
+    if args.task == IMAGE_GEN:  # text in, images out: none of the image tasks' machinery applies
+        from ofa_scale.predict.image_gen import run_image_gen
+        return run_image_gen(args)
+    if args.vqgan:
+        raise UserError("--vqgan is the image_gen VQGAN; use it with --task image_gen")
     spec = get_spec(args.task)
+    # --early-exit: MuE exits (model/early_exit.py); the config also counts the layers run
+    exits = None if args.early_exit is None else early_exit.EarlyExitConfig.parse(args.early_exit)
     if args.batch_size < 1:
         raise UserError("--batch-size must be >= 1")
     if args.draw_boxes and spec.name != "grounding":
@@ -85,18 +104,13 @@ def run(args: argparse.Namespace) -> int:
     first = next(inputs, None)  # a bad --input is refused before the model loads
     if first is None:
         raise UserError(f"--input {args.input} holds no inputs")
-    try:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError as e:
-        raise UserError(f"--device {args.device}: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"--device {args.device} asks for a GPU but torch sees none; use --device cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+    device, dtype = pick_device(args.device)
     loaded = load_model(args.model, args.tokenizer_path, ema=not args.no_ema)
-    section = task_section(spec, run_task=_run_task(loaded.description), recipe=args.recipe,
+    section = task_section(spec, run_task=run_task_section(loaded.description), recipe=args.recipe,
                            answers=args.answers, overrides=args.overrides, batch_size=args.batch_size)
     predictor = Predictor(spec, section, loaded.tokenizer)
     model = loaded.model.to(device=device, dtype=dtype).eval()
+    early_exit.enable(model, exits)  # None: the full model
     draw_dir = Path(args.draw_boxes) if args.draw_boxes else None
     if draw_dir is not None:
         draw_dir.mkdir(parents=True, exist_ok=True)
@@ -122,7 +136,22 @@ def run(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     print(f"ofa-predict: {done} inputs ({failed} failed) in {seconds:.1f}s, {done / max(seconds, 1e-9):.2f} "
           f"items/s; wrote {out}", file=sys.stderr)
+    if exits is not None:
+        print(f"ofa-predict: early exit {exits.describe()}: layers run {exits.stats.summary()}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def pick_device(name: Optional[str]):
+    """(device, dtype) of `--device`: cuda when present else cpu by default; bf16 on GPUs that support it."""
+    import torch
+
+    try:
+        device = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as e:
+        raise UserError(f"--device {name}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name} asks for a GPU but torch sees none; use --device cpu")
+    return device, torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
 
 
 def load_model(model: str, tokenizer_path: Optional[str], *, ema: bool = True):
@@ -138,7 +167,7 @@ def load_model(model: str, tokenizer_path: Optional[str], *, ema: bool = True):
     return load_eval_model(model, tokenizer_path=tokenizer_path)
 
 
-def _run_task(description: dict) -> Optional[dict]:
+def run_task_section(description: dict) -> Optional[dict]:
     """The `task:` section of the run the model comes from (None for a model dir / .pt or a pretraining run)."""
     from ofa_scale.utils.config import load_yaml
 

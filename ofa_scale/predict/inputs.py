@@ -14,7 +14,7 @@ from typing import Any, Iterator, Optional
 
 from PIL import Image
 
-from ofa_scale.data.image_check import DEFAULT_MAX_PIXELS, _decode_fully, _open, decode_base64
+from ofa_scale.data.image_check import decode_base64, open_checked
 from ofa_scale.data.tsv_formats import FORMATS, RowReject
 from ofa_scale.errors import UserError
 
@@ -57,7 +57,8 @@ def _folder(root: Path, text: str) -> Iterator[PredictInput]:
         yield PredictInput(id=p.name, image=p, text=text)
 
 
-def _jsonl(path: Path, default_text: str) -> Iterator[PredictInput]:
+def _json_objects(path: Path) -> Iterator[tuple[int, dict | PredictInput]]:
+    """(line number, object) per non-blank line, or (line number, an error input) for a line that is not one."""
     with path.open(encoding="utf-8", errors="replace") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
@@ -65,25 +66,34 @@ def _jsonl(path: Path, default_text: str) -> Iterator[PredictInput]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                yield PredictInput(id=f"line {number}", error=f"line {number} is not JSON: {e.msg}")
+                yield number, PredictInput(id=f"line {number}", error=f"line {number} is not JSON: {e.msg}")
                 continue
             if not isinstance(row, dict):
-                yield PredictInput(id=f"line {number}", error=f"line {number} is not a JSON object")
+                yield number, PredictInput(id=f"line {number}", error=f"line {number} is not a JSON object")
                 continue
-            image = row.get("image")
-            item = PredictInput(id=row.get("id", Path(str(image)).name if image else f"line {number}"),
-                                text=str(row.get("text", default_text) or ""),
-                                meta={k: v for k, v in row.items() if k not in ("id", "image", "text")})
-            if not image:
-                item.error = "no \"image\" path"
-            else:
-                image = Path(str(image))
-                item.image = image if image.is_absolute() else path.parent / image  # relative to the JSONL
-            yield item
+            yield number, row
+
+
+def _jsonl(path: Path, default_text: str) -> Iterator[PredictInput]:
+    for number, row in _json_objects(path):
+        if isinstance(row, PredictInput):
+            yield row
+            continue
+        image = row.get("image")
+        item = PredictInput(id=row.get("id", Path(str(image)).name if image else f"line {number}"),
+                            text=str(row.get("text", default_text) or ""),
+                            meta={k: v for k, v in row.items() if k not in ("id", "image", "text")})
+        if not image:
+            item.error = "no \"image\" path"
+        else:
+            image = Path(str(image))
+            item.image = image if image.is_absolute() else path.parent / image  # relative to the JSONL
+        yield item
 
 
 # The TSV columns each task needs; other columns (answers, labels, boxes: references) may be absent or malformed.
-_NEEDED = {"caption": (), "vqa": ("question",), "refcoco": ("text",), "snli_ve": ("hypothesis",)}
+_NEEDED = {"caption": (), "vqa": ("question",), "refcoco": ("text",), "snli_ve": ("hypothesis",),
+           "ocr": ()}  # ocr: the text column is the transcription, not an input
 _TEXT = {"vqa": "question", "refcoco": "text", "snli_ve": "hypothesis"}
 
 
@@ -119,6 +129,41 @@ def _tsv(path: Path, fmt_name: str) -> Iterator[PredictInput]:
             yield item
 
 
+def read_captions(path: str | Path, *, default_text: str = "") -> Iterator[PredictInput]:
+    """Text-only inputs (image_gen) in order: a .txt with one caption per line (id = line number), a .jsonl of
+    {"id"?, "text" or "caption"} (id = line number when absent), or a TSV in the image_gen format (id, codes,
+    caption; the codes column is not read). Blank lines are skipped; an empty caption is the task's error."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if path.is_dir() or suffix not in (".txt", ".jsonl", ".tsv"):
+        raise UserError(f"--input {path}: image_gen reads captions from a .txt, .jsonl or .tsv file")
+    if not path.is_file():
+        raise UserError(f"--input {path} does not exist; pass a .txt, .jsonl or .tsv of captions")
+    if suffix == ".jsonl":
+        for number, row in _json_objects(path):
+            if isinstance(row, PredictInput):
+                yield row
+            else:
+                text = row.get("text", row.get("caption", default_text))
+                yield PredictInput(id=row.get("id", number), text=str(text or ""))
+        return
+    caption_col = FORMATS["image_gen"].n_columns - 1  # TSV: id, codes, caption
+    with path.open(encoding="utf-8", errors="replace") as f:
+        for number, line in enumerate(f, 1):
+            line = line.rstrip("\r\n")
+            if not line.strip():
+                continue
+            if suffix == ".txt":
+                yield PredictInput(id=number, text=line)
+                continue
+            cols = line.split("\t")
+            if len(cols) <= caption_col:
+                yield PredictInput(id=cols[0], error=f"line {number} has {len(cols)} columns, the image_gen "
+                                                     f"format {caption_col + 1} (id, codes, caption)")
+            else:
+                yield PredictInput(id=cols[0], text=cols[caption_col])
+
+
 def open_image(source: Path | bytes) -> Image.Image:
     """The RGB image of a file or of TSV bytes; a UserError naming the problem when it cannot be read whole."""
     if isinstance(source, Path):
@@ -128,9 +173,7 @@ def open_image(source: Path | bytes) -> Image.Image:
     else:
         data = source
     try:
-        # the converter's checks: the pixel count before decoding (bombs), then every byte (truncation)
-        im = _open(data, DEFAULT_MAX_PIXELS)
-        _decode_fully(im, cheap=False)
+        im = open_checked(data)  # the converter's checks: bombs, truncation
     except RowReject as e:
         raise UserError(f"unreadable image: {e.reason}") from None
     return im.convert("RGB")

@@ -20,12 +20,13 @@ from typing import Any, Literal, Optional
 
 from ofa_scale.errors import ConfigError
 from ofa_scale.finetune.config import TaskSection
+from ofa_scale.finetune.prompt_config import PromptTuningSection
 from ofa_scale.objectives.config import ObjectivesConfig
 from ofa_scale.parallel.layout import ParallelConfig
 from ofa_scale.utils.config import apply_overrides, from_dict, load_yaml, to_dict
 
 Precision = Literal["fp32", "bf16", "fp16"]
-TokenizerKind = Literal["gpt2-bpe", "sentencepiece"]
+TokenizerKind = Literal["gpt2-bpe", "sentencepiece", "bert"]  # bert: OFA-CN (spec §10.1)
 
 CONFIG_FORMAT_VERSION = 1
 
@@ -37,12 +38,14 @@ class ModelSection:
     # checkpoint when it has one, else latest; EMA weights when stored). The optimizer and step count start fresh.
     pretrained: Optional[str] = None
     overrides: dict[str, Any] = field(default_factory=dict)  # OFAConfig fields, e.g. {encoder_layers: 2}
+    # prefix / adapter / BitFit tuning on a frozen model.pretrained (finetune/prompt_config.py)
+    prompt_tuning: PromptTuningSection = field(default_factory=PromptTuningSection)
 
 
 @dataclass
 class TokenizerSection:
     kind: TokenizerKind = "gpt2-bpe"
-    path: str = ""  # the BPE dir (encoder.json, vocab.bpe) or the sentencepiece model dir
+    path: str = ""  # the BPE dir (encoder.json, vocab.bpe), the sentencepiece model dir or the bert vocab.txt dir
 
 
 @dataclass
@@ -160,6 +163,7 @@ class TrainingConfig:
                               f"this ofa-scale reads version {CONFIG_FORMAT_VERSION}")
         _require(self.model.arch, "model.arch", "an OFA preset such as ofa_tiny or ofa_base")
         self.task.validate()
+        self.model.prompt_tuning.validate(self)
         if self.finetuning:
             self._validate_finetuning()
         else:
@@ -243,6 +247,9 @@ class TrainingConfig:
         if not 0.0 <= self.train.ema_decay < 1.0 or self.train.ema_start < 0:
             raise ConfigError(f"train.ema_decay is {self.train.ema_decay} and train.ema_start "
                               f"{self.train.ema_start}; use a decay in [0, 1) (0 = off, OFA 0.9999) and a start >= 0")
+        if self.task.criterion == "scst" and self.objectives.loss == "encouraging":
+            raise ConfigError("objectives.loss=encouraging shapes the cross-entropy token loss, but "
+                              "task.criterion=scst trains on CIDEr rewards; use objectives.loss=ce with scst")
         if self.parallel.pp > 1:
             why = ("SCST generates hypotheses inside the training step" if self.task.criterion == "scst"
                    else "validation generates with the whole model on every rank")

@@ -61,7 +61,7 @@ class PipelineLoss:
     def __init__(self, ctx, settings: LossSettings):
         self.ctx = ctx
         self.settings = settings
-        self.token_loss = make_token_loss(ctx, settings.epsilon, settings.pad)
+        self.token_loss = make_token_loss(ctx, settings.epsilon, settings.pad, log_end=settings.log_end)
         self.pending: deque = deque()
         self.acc: Optional[TaskAccumulator] = None
         self.record = ctx.tp_rank == 0  # tp peers compute the same numbers; count them once

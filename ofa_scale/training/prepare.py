@@ -123,6 +123,11 @@ def freeze_from_config(cfg, module: nn.Module) -> None:
     """Finetuning's train.freeze_* flags (finetune/freeze.py): requires_grad is set here, before DeepSpeed sees the
     parameters, so frozen ones never enter the optimizer."""
     t = cfg.train
+    prompt = getattr(getattr(cfg, "model", None), "prompt_tuning", None)
+    if prompt is not None and prompt.enabled:  # prompt tuning: only its own parameters train
+        from ofa_scale.finetune.freeze import apply_prompt_freezing
+
+        apply_prompt_freezing(module, prompt.kind)
     if t.freeze_encoder_embedding or t.freeze_decoder_embedding or t.freeze_resnet:
         from ofa_scale.finetune.freeze import apply_freezing
 

@@ -18,7 +18,7 @@ which is 0 until OFA's `drop_worst_after`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -51,6 +51,7 @@ class LossSettings:
     epsilon: float  # label smoothing
     pad: int
     per_group: bool  # OFA-style: each group normalised by its own token count; else one global count
+    log_end: Optional[float] = None  # objectives.loss=encouraging: the Encouraging Loss' log_end; None = CE
 
     @property
     def normalization(self) -> Normalization:
@@ -79,7 +80,7 @@ def run_step(engine, ctx, micro_batches: Sequence[MicroBatch], groups: Sequence[
     `drop_worst_ratio`: this update's drop-worst ratio (module docstring; 0 = keep every token)."""
     dp = ctx.dp_size
     gas = len(micro_batches)
-    token_loss = make_token_loss(ctx, loss.epsilon, loss.pad)
+    token_loss = make_token_loss(ctx, loss.epsilon, loss.pad, log_end=loss.log_end)
     denom = step_denominators(ctx, micro_batches, groups, loss, drop_worst_ratio)
     for m, mb in enumerate(micro_batches):
         present = [g for g in groups if g in mb]

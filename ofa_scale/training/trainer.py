@@ -186,7 +186,8 @@ class Trainer:
 
         cfg, ctx, layout, point, workload = self.cfg, self.ctx, self.layout, self.point, self.workload
         self.loss_settings = LossSettings(epsilon=cfg.objectives.label_smoothing, pad=workload.pad,
-                                          per_group=cfg.objectives.loss_normalization == "per_group")
+                                          per_group=cfg.objectives.loss_normalization == "per_group",
+                                          log_end=cfg.objectives.encouraging_log_end)
         self.pipeline_loss = PipelineLoss(ctx, self.loss_settings) if layout.pp > 1 else None
         # DeepSpeed's own files resume the same layout exactly; another layout resumes from the layout-free copy
         self.from_canonical = point is not None and not self._same_layout(point)

@@ -148,6 +148,8 @@ def tokenizer_and_model_config(cfg):
     overrides = dict(cfg.model.overrides)
     if "vocab_size" in overrides:
         raise ConfigError("model.overrides.vocab_size is set by the tokenizer (len(tokenizer)); remove it")
+    if cfg.model.prompt_tuning.enabled:  # prompt tuning's parameters (finetune/prompt_config.py)
+        overrides.update(cfg.model.prompt_tuning.model_overrides())
     try:
         model_config = OFAConfig.preset(cfg.model.arch, vocab_size=len(tokenizer), **overrides)
     except TypeError as e:
@@ -155,7 +157,7 @@ def tokenizer_and_model_config(cfg):
     return tokenizer, model_config
 
 
-def load_pretrained_weights(model: torch.nn.Module, path: str, model_config, ctx=None) -> None:
+def load_pretrained_weights(model: torch.nn.Module, path: str, model_config, ctx=None, seed: int = 0) -> None:
     """Copy a checkpoint's weights (and BatchNorm statistics) into `model`, sharded for this rank under TP.
 
     The checkpoint must have the configured architecture's shape; its vocabulary is resized to ours by
@@ -188,6 +190,11 @@ def load_pretrained_weights(model: torch.nn.Module, path: str, model_config, ctx
                               f"{model_config.arch} has {getattr(model_config, name)}; use the checkpoint's "
                               f"architecture (model.arch / model.overrides)")
     state = source.state_dict()
+    # prompt tuning: the base has no prefix/adapter parameters; they keep their initial values (seed: the run's)
+    from ofa_scale.model.init import InitialWeights
+    from ofa_scale.model.prompt_tuning import WithAddedParameters
+
+    state = WithAddedParameters(state, InitialWeights(model_config, seed))
     load_model_weights(ctx, model, state)
     with torch.no_grad():
         for name, buf in model.named_buffers():

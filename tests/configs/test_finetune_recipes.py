@@ -8,6 +8,7 @@ import pytest
 
 from ofa_scale.cli.preprocess import main as preprocess_main
 from ofa_scale.data.sample_finetune import write_finetune_corpus
+from ofa_scale.data.sample_ocr import write_ocr_corpus
 from ofa_scale.errors import ConfigError
 from ofa_scale.training.config import load_training_config
 
@@ -18,6 +19,11 @@ BPE = REPO.parent / "shared" / "ofa-bpe"
 CAPTION_EVAL = dict(inference="beam", beam=5, max_len_b=16, min_len=1, no_repeat_ngram_size=3, unnormalized=False)
 GROUNDING_EVAL = dict(inference="beam", beam=5, max_len_b=4, min_len=4, no_repeat_ngram_size=3, unnormalized=False)
 ALLCAND = dict(inference="allcand")
+# OFA-OCR's run_scripts/ocr/evaluate_ocr{,_base}.sh (spec §10.2.5): eval batch 16 (base) / 8 (large) per GPU
+OCR_EVAL = dict(inference="beam", beam=5, max_len_b=64, min_len=1, no_repeat_ngram_size=0, unnormalized=False)
+# OFA-CN's generate_caption_cn.sh (spec §10.1.6): beam 8, at most 128 tokens, 16 images per GPU
+MUGE_EVAL = dict(inference="beam", beam=8, max_len_b=128, min_len=1, no_repeat_ngram_size=3, unnormalized=False,
+                 batch_size=16)
 
 # name: (task, lr, global batch = GPUs x batch x update_freq, micro batch = per-GPU batch, epochs, update cap,
 #        warm-up (ratio, or int updates), label smoothing, image size, drop path, decoding, best metric)
@@ -36,10 +42,41 @@ SPEC = {
     "refcocog_large": ("refcoco", 3e-5, 4 * 4 * 8, 4, 10, 0, 0.06, 0.1, 512, 0.2, GROUNDING_EVAL, "acc@0.5"),
     "snli_ve_base": ("snli_ve", 5e-5, 8 * 4 * 8, 4, 5, 0, 0.06, 0.0, 480, 0.1, ALLCAND, "accuracy"),
     "snli_ve_large": ("snli_ve", 2e-5, 8 * 4 * 8, 4, 6, 0, 0.06, 0.0, 480, 0.2, ALLCAND, "accuracy"),
+    # Encouraging Loss scripts (spec §10.4.3): the large recipes' values, plus objectives.loss (test below)
+    "caption_stage1_el_large": ("caption", 1e-5, 4 * 8 * 4, 8, 2, 0, 0.06, 0.1, 480, 0.1, CAPTION_EVAL, "cider"),
+    "refcoco_el_large": ("refcoco", 3e-5, 4 * 4 * 8, 4, 10, 0, 0.06, 0.1, 512, 0.2, GROUNDING_EVAL, "acc@0.5"),
+    "refcocoplus_el_large": ("refcoco", 3e-5, 4 * 4 * 8, 4, 10, 0, 0.06, 0.1, 512, 0.2, GROUNDING_EVAL, "acc@0.5"),
+    "refcocog_el_large": ("refcoco", 3e-5, 4 * 4 * 8, 4, 10, 0, 0.06, 0.1, 512, 0.2, GROUNDING_EVAL, "acc@0.5"),
+    # OFA-OCR (spec §10.2.4): ModelScope's lr, warm-up, end lr and 4 rows per GPU; the caption scripts' batch,
+    # epochs, label smoothing and drop path (OFA has no OCR training script)
+    "ocr_base": ("ocr", 5e-5, 128, 4, 5, 0, 0.01, 0.1, 480, 0.1, OCR_EVAL, "accuracy"),
+    "ocr_large": ("ocr", 5e-5, 128, 4, 2, 0, 0.01, 0.1, 480, 0.1, OCR_EVAL, "accuracy"),
+    # OFA-CN (spec §10.1.6-§10.1.7): the English caption stage-1 / RefCOCO scripts with bpe=bert (OFA ships no
+    # Chinese training script), OFA-CN's decoding
+    "muge_caption_base": ("caption", 1e-5, 4 * 8 * 4, 8, 5, 0, 0.06, 0.1, 480, 0.1, MUGE_EVAL, "cider"),
+    "muge_caption_large": ("caption", 1e-5, 4 * 8 * 4, 8, 2, 0, 0.06, 0.1, 480, 0.1, MUGE_EVAL, "cider"),
+    "refcoco_cn_base": ("refcoco", 5e-5, 4 * 4 * 8, 4, 10, 0, 0.06, 0.1, 512, 0.1,
+                        {**GROUNDING_EVAL, "batch_size": 16}, "acc@0.5"),
+    "refcoco_cn_large": ("refcoco", 3e-5, 4 * 4 * 8, 4, 10, 0, 0.06, 0.1, 512, 0.2,
+                         {**GROUNDING_EVAL, "batch_size": 16}, "acc@0.5"),
+    # prompt tuning (spec-ext §10.3.6): train_refcoco_{prefix,adapter,bitfit}.sh (8 GPUs x 16 x update_freq 8,
+    # 100 epochs, 480 px; lr from their {0.03, 5e-5, 1e-4} sweep); SNLI-VE: snli_ve_large with the prefix's lr
+    "refcoco_prefix_large": ("refcoco", 0.03, 8 * 16 * 8, 16, 100, 0, 0.06, 0.1, 480, 0.2, GROUNDING_EVAL, "acc@0.5"),
+    "refcoco_adapter_large": ("refcoco", 1e-4, 8 * 16 * 8, 16, 100, 0, 0.06, 0.1, 480, 0.2, GROUNDING_EVAL,
+                              "acc@0.5"),
+    "refcoco_bitfit_large": ("refcoco", 1e-4, 8 * 16 * 8, 16, 100, 0, 0.06, 0.1, 480, 0.2, GROUNDING_EVAL, "acc@0.5"),
+    "snli_ve_prefix_large": ("snli_ve", 0.03, 8 * 4 * 8, 4, 6, 0, 0.06, 0.0, 480, 0.2, ALLCAND, "accuracy"),
 }
+# prompt-tuning recipes: model.prompt_tuning (kind, prefix length, adapter width); every other recipe has kind none
+PROMPT = {"refcoco_prefix_large": ("prefix", 100, None), "snli_ve_prefix_large": ("prefix", 100, None),
+          "refcoco_adapter_large": ("adapter", None, 100), "refcoco_bitfit_large": ("bitfit", None, None)}
+# OFA-CN recipes: Chinese prompts, the bert tokenizer; MUGE's caption budget counts BERT tokens (= decoding's 128)
+CN_RECIPES = {"muge_caption_base": 128, "muge_caption_large": 128, "refcoco_cn_base": 20, "refcoco_cn_large": 20}
+END_LR = {"caption_stage2_large": 2e-7, "ocr_base": 1e-7, "ocr_large": 1e-7}  # others decay to 0
 # task -> (prompt type, max_src_length, max_tgt_length, token embeddings frozen, EMA decay)
 TASK = {"caption": ("none", 80, 20, True, 0.0), "vqa": ("prev_output", 80, 30, True, 0.9999),
-        "refcoco": ("none", 80, 20, False, 0.0), "snli_ve": ("prev_output", 80, 20, False, 0.0)}
+        "refcoco": ("none", 80, 20, False, 0.0), "snli_ve": ("prev_output", 80, 20, False, 0.0),
+        "ocr": ("none", 128, 30, True, 0.0)}
 
 
 def _load(name, *overrides):
@@ -47,8 +84,9 @@ def _load(name, *overrides):
 
 
 def test_the_recipe_set_is_the_issue_contract():
-    names = {p.stem for p in FINETUNE.glob("*.yaml")}
-    assert names == {f"{t}_{s}" for t in ("caption_stage1", "caption_stage2", "vqa", "refcoco", "refcocoplus",
+    # the text-only recipes (glue_*, gigaword_*) are checked against OFA's values in test_text_recipes.py
+    names = {p.stem for p in FINETUNE.glob("*.yaml") if not p.stem.startswith(("glue_", "gigaword_"))}
+    assert names >= {f"{t}_{s}" for t in ("caption_stage1", "caption_stage2", "vqa", "refcoco", "refcocoplus",
                                           "refcocog", "snli_ve") for s in ("base", "large")}
     assert names == set(SPEC)
 
@@ -71,7 +109,7 @@ def test_recipe_has_ofas_hyper_parameters(name):
         assert cfg.schedule.warmup_steps == warmup
     else:
         assert cfg.schedule.warmup_steps is None and cfg.schedule.warmup_ratio == pytest.approx(warmup)
-    assert cfg.schedule.end_lr == pytest.approx(2e-7 if name == "caption_stage2_large" else 0.0)
+    assert cfg.schedule.end_lr == pytest.approx(END_LR.get(name, 0.0))
     assert cfg.objectives.label_smoothing == pytest.approx(ls)
     assert cfg.task.image_size == size
     ov = cfg.model.overrides
@@ -80,12 +118,16 @@ def test_recipe_has_ofas_hyper_parameters(name):
     for key, value in decoding.items():
         assert getattr(cfg.task.decoding, key) == value, key
     prompt, src, tgt, frozen, ema = TASK[task]
-    assert (cfg.task.prompt_type, cfg.task.max_src_length, cfg.task.max_tgt_length) == (prompt, src, tgt)
+    assert (cfg.task.prompt_type, cfg.task.max_src_length, cfg.task.max_tgt_length) == (prompt, src,
+                                                                                        CN_RECIPES.get(name, tgt))
+    if task != "ocr":  # OFA-OCR's language: test_encouraging_loss_and_ocr_recipe_settings
+        assert cfg.task.language == ("zh" if name in CN_RECIPES else "en")
     assert cfg.train.freeze_encoder_embedding is cfg.train.freeze_decoder_embedding is frozen
     assert not cfg.train.freeze_resnet
     assert (cfg.train.ema_decay, cfg.train.ema_start) == (ema, 0)
     assert cfg.data.train and cfg.data.valid and not cfg.data.root
-    assert cfg.data.tokenizer.kind == "gpt2-bpe"
+    # OFA-OCR is an OFA-CN model
+    assert cfg.data.tokenizer.kind == ("bert" if task == "ocr" or name in CN_RECIPES else "gpt2-bpe")
 
 
 def test_task_specific_settings():
@@ -123,7 +165,8 @@ def test_contract_keys_can_be_set_on_the_command_line(tmp_path):
 # recipe prefix -> the sample training TSV in its format (the check reads the shards' source and sample count)
 TRAIN_TSV = {"caption_stage1": ("caption", "caption_stage1_train.tsv"),
              "caption_stage2": ("caption", "caption_stage2_train.tsv"), "vqa": ("vqa", "vqa_train.tsv"),
-             "refcoco": ("refcoco", "refcoco_train.tsv"), "snli_ve": ("snli_ve", "snli_ve_train.tsv")}
+             "refcoco": ("refcoco", "refcoco_train.tsv"), "snli_ve": ("snli_ve", "snli_ve_train.tsv"),
+             "ocr": ("ocr", "ocr_train.tsv")}
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +174,7 @@ def sample_shards(tmp_path_factory):
     """Shards of every finetune format with at least one global batch of OFA's sizes (VQA: 512 rows)."""
     root = tmp_path_factory.mktemp("recipes")
     tsv = write_finetune_corpus(root / "tsv", images=300, eval_images=1, seed=2)
+    tsv.update(write_ocr_corpus(root / "tsv", images=300, eval_images=1, seed=2))
     shards = {}
     for prefix, (fmt, name) in TRAIN_TSV.items():
         shards[prefix] = root / prefix
@@ -147,13 +191,50 @@ def test_check_builds_every_recipe_for_8_ranks(name, sample_shards):
     from ofa_scale.training.check import check_config
 
     shards, answers = sample_shards
-    recipe = name.rsplit("_", 1)[0]
-    data = shards[{"refcocoplus": "refcoco", "refcocog": "refcoco"}.get(recipe, recipe)]
+    recipe = name.rsplit("_", 1)[0].removesuffix("_el")  # Encouraging Loss recipes read the same data
+    data = shards[{"refcocoplus": "refcoco", "refcocog": "refcoco", "muge_caption": "caption_stage1",
+                   "refcoco_cn": "refcoco", "refcoco_prefix": "refcoco", "refcoco_adapter": "refcoco",
+                   "refcoco_bitfit": "refcoco", "snli_ve_prefix": "snli_ve"}.get(recipe, recipe)]
+    # prompt tuning needs a base model that exists (the check reads no weights, so any existing path stands in)
+    pretrained = str(data) if name in PROMPT else "null"
     # vqa_large warms up for 1,000 updates; the 600-row sample gives 100 in its 100 epochs
     extra = ["schedule.warmup_steps=10"] if name == "vqa_large" else []
-    cfg = _load(name, f"data.train={data}", f"data.valid={data}", f"data.tokenizer.path={BPE}",
-                f"task.answers={answers}", "model.pretrained=null", *extra)
+    if name in PROMPT and name.startswith("refcoco"):  # OFA's 1024 rows per update exceed the ~500 sample rows
+        extra = [*extra, "train.global_batch_size=128"]
+    bert = recipe == "ocr" or name in CN_RECIPES  # a small BERT vocab.txt (the sample OCR corpus writes one)
+    tokenizer = shards["ocr"].parent / "tsv" / "ocr_vocab" if bert else BPE
+    cfg = _load(name, f"data.train={data}", f"data.valid={data}", f"data.tokenizer.path={tokenizer}",
+                f"task.answers={answers}", f"model.pretrained={pretrained}", *extra)
     report = check_config(cfg, 8)
     assert "config is valid for 8 process(es)" in report
     arch = "ofa_large" if name.endswith("large") else "ofa_base"
     assert f"model: {arch} (" in report and "dp 8" in report
+
+
+def test_encouraging_loss_and_ocr_recipe_settings():
+    """Spec §10.4.3 (log_end 0.75; the caption EL script's drop-worst 0.05 after 2500; none for RefCOCO) and
+    §10.2.3-§10.2.5 (BERT-CN: Chinese prompt, 30 characters; line images, eval batch 16 base / 8 large; plain
+    cross entropy)."""
+    for name in ("caption_stage1_el_large", "refcoco_el_large", "refcocoplus_el_large", "refcocog_el_large"):
+        obj = _load(name).objectives
+        assert (obj.loss, obj.log_end, obj.encouraging_log_end) == ("encouraging", 0.75, 0.75)
+        want = (0.05, 2500) if name.startswith("caption") else (0.0, 0)
+        assert (obj.drop_worst_ratio, obj.drop_worst_after) == want
+    for name, batch in (("ocr_base", 16), ("ocr_large", 8)):
+        cfg = _load(name)
+        assert cfg.data.tokenizer.kind == "bert" and cfg.task.extra == {"is_document": False}
+        assert cfg.task.decoding.batch_size == batch and cfg.objectives.loss == "ce"
+        assert (cfg.optim.weight_decay, cfg.optim.clip_norm) == (0.01, 1.0)
+
+
+@pytest.mark.parametrize("name", sorted(SPEC))
+def test_prompt_tuning_settings(name):
+    """Spec-ext §10.3.1/§10.3.6: prefix length 100 in encoder and decoder, no reparameterisation, OFA's hard-coded
+    prefix dropout 0.2; adapters of width 100; BitFit; ordinary recipes tune nothing of the kind."""
+    pt = _load(name).model.prompt_tuning
+    kind, length, adapter_dim = PROMPT.get(name, ("none", None, None))
+    assert pt.kind == kind
+    if kind == "prefix":
+        assert (pt.length, pt.encoder, pt.decoder, pt.projection, pt.dropout) == (length, True, True, False, 0.2)
+    if kind == "adapter":
+        assert pt.adapter_dim == adapter_dim

@@ -30,6 +30,7 @@ CASES = {
     "snli_ve": (["s1", "img1", IMG, "a dog runs", "a dog in a park", "entailment"],
                 {"hypothesis": "a dog runs", "caption": "a dog in a park", "label": "yes"},
                 ["s2", "img1", IMG, "a dog runs", "x", "unsure"], "bad_label"),
+    "ocr": (["o1", IMG, "中国人4"], {"uniq_id": "o1", "text": "中国人4"}, ["o2", IMG, " "], "empty_text"),
     "imagenet": ([IMG, "7", "cock"], {"uniq_id": "1", "label_index": 7, "class_name": "cock"},
                  [IMG, "seven", "cock"], "bad_label"),
     "image_gen": (["g1", CODES_1024, "a red circle"], {"caption": "a red circle", "codes": list(range(1024))},

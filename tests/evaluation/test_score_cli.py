@@ -92,7 +92,7 @@ def test_gigaword(tmp_path):
     rc, out = run_score(tmp_path, "gigaword", [{"id": 1, "summary": "Police kill 1 man"}],
                         [{"id": 1, "summary": "police killed # men"}])
     doc, _ = read_outputs(out)
-    assert rc == 0 and set(doc["metrics"]) == {"rouge1", "rouge2", "rougeL"}
+    assert rc == 0 and set(doc["metrics"]) == {"rouge1", "rouge2", "rouge_l"}
     assert 0 < doc["metrics"]["rouge1"] < 1
 
 

@@ -87,7 +87,7 @@ def test_gigaword_rouge_with_stemming():
     # stemming: cats->cat, running->run, runs->run; unigrams hyp {the, cat, were, run}, ref {cat, run}
     assert per["rouge1"][0] == pytest.approx(2 * (2 / 4) * (2 / 2) / (2 / 4 + 2 / 2))
     assert per["rouge2"][0] == 0.0
-    assert means["rougeL"] == pytest.approx(per["rouge1"][0])
+    assert means["rouge_l"] == pytest.approx(per["rouge1"][0])
 
 
 def test_beam_override_applies_to_every_task_and_keeps_task_settings():

@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -18,6 +19,9 @@ from PIL import Image
 REPO = Path(__file__).resolve().parents[2]
 BPE_DIR = REPO.parent / "shared" / "ofa-bpe"
 WORKER = Path(__file__).with_name("engine_worker.py")
+
+sys.path.insert(0, str(REPO / "tests" / "parallel"))
+import zygote  # noqa: E402
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
 
 
@@ -89,7 +93,21 @@ def _run(cmd: list[str], timeout: int = 300, env: dict | None = None, check: boo
 
 
 def launch(tool: str, *args: str, nproc: int = 1, timeout: int = 300, env: dict | None = None, check: bool = True):
-    """`tool` is "train" or "eval"; the worker installs the fake task first."""
+    """`tool` is "train" or "eval"; the worker installs the fake task first. The ranks are forked from the test
+    zygote (tests/parallel/zygote.py) with the variables torchrun sets; torchrun itself is covered by tests/train."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **zygote.IMPORT_TIME_ENV, **(env or {})}
+    if not zygote.usable(full_env):
+        return _launch_torchrun(tool, *args, nproc=nproc, timeout=timeout, env=env, check=check)
+    with tempfile.TemporaryDirectory(prefix="engine-launch-") as logs:
+        proc = zygote.run([str(WORKER), tool, *args], full_env, Path(logs) / "log", world=nproc, cwd=REPO,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{tool} {' '.join(args)} failed ({proc.returncode}) on {nproc} ranks:\n"
+                             f"{proc.stdout[-8000:]}")
+    return proc
+
+
+def _launch_torchrun(tool: str, *args: str, nproc: int, timeout: int, env: dict | None, check: bool):
     if nproc == 1:
         cmd = [sys.executable, str(WORKER), tool, *args]
     else:

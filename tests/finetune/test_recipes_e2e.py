@@ -21,6 +21,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests" / "parallel"))
+import zygote  # noqa: E402
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -79,8 +82,15 @@ def _run(cmd: list[str], log: Path, timeout: int = 1200) -> float:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
            "PYTHONWARNINGS": "ignore::FutureWarning"}
     t0 = time.perf_counter()
-    with open(log, "a") as out:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=timeout)
+    if cmd[:2] == [sys.executable, "-m"] and zygote.usable({**env, **zygote.IMPORT_TIME_ENV}):  # forked from the test zygote: no fresh torch/DeepSpeed import per run
+        with tempfile.TemporaryDirectory(prefix="recipe-run-") as tmp:
+            proc = zygote.run(cmd[1:], {**env, **zygote.IMPORT_TIME_ENV}, Path(tmp) / "log", cwd=REPO,
+                              timeout=timeout)
+        with open(log, "a") as out:
+            out.write(proc.stdout)
+    else:
+        with open(log, "a") as out:
+            proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, timeout=timeout)
     if proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{log.read_text()[-6000:]}")
     return time.perf_counter() - t0

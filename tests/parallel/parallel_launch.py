@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+import zygote
+
 WORKER = Path(__file__).with_name("parallel_workers.py")
 
 
@@ -28,9 +30,12 @@ def launch(scenario: str, world: int, out_dir: Path, timeout: float = 300, **par
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
                    LOCAL_WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                    OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONWARNINGS="ignore")
-        cmd = [sys.executable, str(WORKER), scenario, str(out_dir), json.dumps(params)]
+        args = [str(WORKER), scenario, str(out_dir), json.dumps(params)]
         log = open(out_dir / f"rank{rank}.log", "w")
-        procs.append((subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT), log))
+        if zygote.usable(env):  # forked from a server that has torch/DeepSpeed/megatron imported already
+            procs.append((zygote.ZygoteProcess(args, env, out_dir / f"rank{rank}.log"), log))
+        else:
+            procs.append((subprocess.Popen([sys.executable, *args], env=env, stdout=log, stderr=subprocess.STDOUT), log))
     failed = []
     for rank, (p, log) in enumerate(procs):
         try:

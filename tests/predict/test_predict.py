@@ -149,11 +149,11 @@ def test_instruct_puts_the_instruction_in_the_encoder_and_exits_0_when_all_succe
     assert item.source == [tok.bos, *tok.encode(" count the dogs"), tok.eos] and item.decoder_prompt == [tok.bos]
 
 
-@pytest.mark.parametrize("task", ["classify", "image_gen"])
+@pytest.mark.parametrize("task", ["classify"])  # image_gen: tests/predict/test_image_gen.py
 def test_tasks_without_a_recipe_are_refused_in_one_sentence(model_dir, bpe_dir, images, tmp_path, task, capsys):
     assert predict(model_dir, bpe_dir, task, images, tmp_path / "o.jsonl") == 2
     err = capsys.readouterr().err
-    assert "not available yet: needs the ImageNet / text-to-image recipes" in err and "Traceback" not in err
+    assert "not available yet: needs the ImageNet recipe" in err and "Traceback" not in err
     assert not (tmp_path / "o.jsonl").exists()
 
 

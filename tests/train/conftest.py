@@ -8,12 +8,15 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "tests" / "parallel"))
+import zygote  # noqa: E402
 
 
 def _run(cmd: list[str], cwd: Path, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -111,8 +114,20 @@ def write_config(path: Path, cfg: dict) -> Path:
 
 
 def run_train(config: Path, run_dir: Path, *extra: str, nproc: int = 1, env: dict | None = None,
-              timeout: int = 300) -> subprocess.CompletedProcess:
+              timeout: int = 300, launcher: str = "fork") -> subprocess.CompletedProcess:
+    """`ofa-train` on `nproc` ranks. launcher "fork": ranks forked from the test zygote (tests/parallel/zygote.py,
+    which has torch/DeepSpeed/megatron imported already) with torchrun's variables; "torchrun": the user's way (one
+    end-to-end test keeps it)."""
     args = ["--config", str(config), "--run-dir", str(run_dir), *extra]
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **zygote.IMPORT_TIME_ENV, **(env or {})}
+    if launcher == "fork" and zygote.usable(full_env):
+        with tempfile.TemporaryDirectory(prefix="ofa-train-") as logs:
+            proc = zygote.run(["-m", "ofa_scale.train", *args], full_env, Path(logs) / "log", world=nproc, cwd=REPO,
+                              timeout=timeout)
+        if proc.returncode != 0:
+            raise AssertionError(f"ofa-train {' '.join(args)} failed ({proc.returncode}) on {nproc} ranks:\n"
+                                 f"{proc.stdout[-8000:]}")
+        return proc
     if nproc == 1:
         cmd = [sys.executable, "-m", "ofa_scale.train", *args]
     else:

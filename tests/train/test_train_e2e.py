@@ -80,7 +80,8 @@ def test_two_processes_zero3_match_one_process(reference, tmp_path, mlflow_serve
     config, _, ref = reference
     run_dir = tmp_path / "dp2"
     # MLFLOW_TRACKING_URI sends this run to a real tracking server instead of the run directory's sqlite file
-    run_train(config, run_dir, nproc=2, env={"MLFLOW_TRACKING_URI": mlflow_server})
+    # launched by torchrun, as users launch (the other trainer tests fork their ranks from the test zygote)
+    run_train(config, run_dir, nproc=2, env={"MLFLOW_TRACKING_URI": mlflow_server}, launcher="torchrun")
     assert not (run_dir / "mlflow.db").exists()
     two = read_metrics(run_dir)
     assert [m["step"] for m in two] == [m["step"] for m in ref]

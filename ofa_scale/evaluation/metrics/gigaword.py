@@ -2,6 +2,10 @@
 ROUGE-1/2/L F1 with Porter stemming from Google's `rouge-score` package (what OFA's HF-datasets metric wraps;
 its tokenizer lower-cases and keeps only [a-z0-9]).
 
+Only the hypothesis is rewritten. OFA scores the references as they are, lower-cased (utils/eval_utils.py):
+Gigaword's headlines are already PTB-tokenised with digits as `#`, and running `fix_tokenization` or `1` -> `#`
+over a reference would change what it scores against (e.g. a literal `1` in a reference would stop matching).
+
 OFA reports the bootstrap median (`.mid.fmeasure`) of 1000 resamples; that is a random estimate of the mean,
 so we report the plain mean of the per-summary F1 (deterministic; the two agree to ~1e-4).
 """
@@ -14,7 +18,9 @@ import numpy as np
 
 from ofa_scale.errors import UserError
 
-ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")  # rouge-score's names
+# metrics.json keys (issue 11 §0), rouge_l as the caption metrics spell it
+METRIC_NAMES = {"rouge1": "rouge1", "rouge2": "rouge2", "rougeL": "rouge_l"}
 _BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
 _CLITICS = ("s", "d", "ll")
 
@@ -81,17 +87,23 @@ def prepare_summary(text: str) -> str:
     return fix_tokenization(text.lower().replace("<unk>", " unk")).replace("1", "#")
 
 
+def prepare_reference(text: str) -> str:
+    """A reference headline in scoring form: lower-cased and stripped, nothing else (module docstring)."""
+    return text.lower().strip()
+
+
 def rouge_f1(hypotheses: Sequence[str], references: Sequence[str]) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-    """({rouge1, rouge2, rougeL: mean F1}, per-summary F1 arrays) on prepared texts, stemming on."""
+    """({rouge1, rouge2, rouge_l: mean F1}, per-summary F1 arrays under the same keys) on prepared texts,
+    stemming on."""
     try:
         from rouge_score import rouge_scorer
     except ImportError:
         raise UserError("Gigaword scoring needs rouge-score (pip install rouge-score)") from None
     scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
-    per = {name: np.zeros(len(hypotheses)) for name in ROUGE_TYPES}
+    per = {METRIC_NAMES[name]: np.zeros(len(hypotheses)) for name in ROUGE_TYPES}
     for i, (hyp, ref) in enumerate(zip(hypotheses, references, strict=True)):
         scores = scorer.score(ref, hyp)
         for name in ROUGE_TYPES:
-            per[name][i] = scores[name].fmeasure
+            per[METRIC_NAMES[name]][i] = scores[name].fmeasure
     means = {name: float(v.mean()) if len(v) else 0.0 for name, v in per.items()}
     return means, per

@@ -1,0 +1,160 @@
+"""The prompt checkpoint: a prompt-tuned model as the few parameters it trained plus a reference to its base.
+
+    RUN/checkpoints/step_N/prompt/prompt.safetensors   the tuned tensors only (full, fp32, OFA names)
+    RUN/checkpoints/step_N/prompt/prompt.json          {"method", "base": {"path", "sha256"}, "model_config", ...}
+
+Written by the finetuning trainer into every checkpoint of a run with model.prompt_tuning (from the checkpoint's
+layout-free copy, so it is the same under any tp / ZeRO layout). `ofa-eval run` and `ofa-predict` load a prompt-tuned
+run through it (finetune/weights.py): the base model is read from its recorded path, and only after its content
+hash matches; a base that changed since training is refused in one sentence, since the tuned parameters are only
+meaningful on the exact weights they were trained against.
+
+The content hash is SHA-256 over the base's files: the .pt file itself, or every file of an ofa-convert model
+directory, or of the checkpoint an ofa-train run resolved to (its best, else latest, when training started), by
+relative path and content.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ofa_scale.errors import UserError
+
+PROMPT_DIR = "prompt"
+TENSORS_FILE = "prompt.safetensors"
+META_FILE = "prompt.json"
+FORMAT_VERSION = 1
+KIND = "ofa-scale prompt checkpoint"
+
+
+# ---- the base reference -----------------------------------------------------------------------------------------
+def resolve_base(path: str | Path) -> Path:
+    """The file or directory the base's weights are read from (a run: the checkpoint it designates now)."""
+    from ofa_scale.finetune.weights import run_checkpoint
+
+    path = Path(path)
+    tag_dir = run_checkpoint(path) if path.is_dir() else None
+    return (tag_dir or path).resolve()
+
+
+def content_hash(path: Path) -> str:
+    """SHA-256 of a file, or of a directory's files (relative path and content, in sorted order)."""
+    from ofa_scale.data.shard_writer import file_sha256
+
+    if path.is_file():
+        return file_sha256(path)
+    digest = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(f"{f.relative_to(path).as_posix()}\0{file_sha256(f)}\n".encode())
+    return digest.hexdigest()
+
+
+def base_reference(path: str | Path) -> dict[str, str]:
+    """{"path", "resolved", "sha256"} of the base model `path` (model.pretrained)."""
+    resolved = resolve_base(path)
+    if not resolved.exists():
+        raise UserError(f"model.pretrained {path} does not exist; prompt tuning needs the base model it tunes")
+    return {"path": str(Path(path).resolve()), "resolved": str(resolved), "sha256": content_hash(resolved)}
+
+
+def check_base(meta: dict, where: Path) -> Path:
+    """Where a prompt checkpoint's base weights are (for a run: the checkpoint training started from), after
+    checking their content hash (one-sentence refusal)."""
+    base = meta["base"]
+    resolved = Path(base["resolved"])
+    if not resolved.exists():
+        raise UserError(f"the prompt checkpoint {where} was trained on the base model {base['path']}, which no "
+                        f"longer exists; restore it there to use this checkpoint")
+    found = content_hash(resolved)
+    if found != base["sha256"]:
+        raise UserError(f"the prompt checkpoint {where} was trained on a base model with SHA-256 "
+                        f"{base['sha256'][:16]}…, but {resolved} now hashes to {found[:16]}…; restore the original "
+                        f"base weights, since the tuned parameters only fit those")
+    return resolved
+
+
+# ---- writing ----------------------------------------------------------------------------------------------------
+def prompt_dir(tag_dir: Path) -> Path:
+    return Path(tag_dir) / PROMPT_DIR
+
+
+def has_prompt_checkpoint(tag_dir: Path) -> bool:
+    return (prompt_dir(tag_dir) / META_FILE).is_file()
+
+
+def write_prompt_checkpoint(tag_dir: Path, *, method: str, base: dict, model_config, step: int) -> Path:
+    """Rank 0, after the checkpoint's layout-free copy is on disk: copy the tuned tensors out of it."""
+    from ofa_scale.model.checkpoint import _atomic_save_safetensors
+    from ofa_scale.model.prompt_tuning import trainable
+    from ofa_scale.parallel.canonical_store import MODEL, CanonicalReader
+    from ofa_scale.training.layout_resume import canonical_dir
+    from ofa_scale.utils.io import atomic_write_json
+
+    weights = CanonicalReader(canonical_dir(tag_dir)).view(MODEL)
+    tensors = {name: weights.read(name).float().contiguous() for name in sorted(weights.names())
+               if trainable(name, method)}
+    out = prompt_dir(tag_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_save_safetensors(tensors, out / TENSORS_FILE, metadata={"format_version": str(FORMAT_VERSION)})
+    atomic_write_json(out / META_FILE, {
+        "format_version": FORMAT_VERSION, "kind": KIND, "method": method, "step": step, "base": base,
+        "model_config": dataclasses.asdict(model_config), "tensors": len(tensors),
+        "parameters": int(sum(t.numel() for t in tensors.values()))})
+    return out
+
+
+# ---- reading ----------------------------------------------------------------------------------------------------
+def read_meta(tag_dir: Path) -> dict[str, Any]:
+    import json
+
+    meta = json.loads((prompt_dir(tag_dir) / META_FILE).read_text())
+    if meta.get("kind") != KIND or meta.get("format_version") != FORMAT_VERSION:
+        raise UserError(f"{prompt_dir(tag_dir) / META_FILE} is not a prompt checkpoint of this ofa-scale version")
+    return meta
+
+
+def load_prompt_model(tag_dir: Path) -> torch.nn.Module:
+    """The prompt-tuned OFAModel (eval mode): the hash-checked base, then the tuned tensors."""
+    from safetensors.torch import load_file
+
+    from ofa_scale.model.config import OFAConfig
+    from ofa_scale.model.ofa import OFAModel
+    from ofa_scale.training.workload import load_pretrained_weights
+
+    meta = read_meta(tag_dir)
+    base = check_base(meta, prompt_dir(tag_dir))
+    config = OFAConfig(**meta["model_config"])
+    model = OFAModel(config)
+    load_pretrained_weights(model, str(base), config)
+    tuned = load_file(str(prompt_dir(tag_dir) / TENSORS_FILE))
+    params = dict(model.named_parameters())
+    unknown = sorted(set(tuned) - set(params))
+    if unknown:
+        raise UserError(f"{prompt_dir(tag_dir)} holds tensors this model does not have ({', '.join(unknown[:3])}); "
+                        f"it was written for another model configuration")
+    with torch.no_grad():
+        for name, value in tuned.items():
+            params[name].copy_(value)
+    return model.eval()
+
+
+def load_prompt_eval_model(tag_dir: Path):
+    """An EvalModel for `ofa-eval run` / `ofa-predict`: the prompt-tuned model, with the run's tokenizer and input
+    geometry (the run is the checkpoint's RUN/checkpoints/step_N parent)."""
+    from ofa_scale.evaluation.model_source import EvalModel, _check_vocab, _run_config, run_tokenizer_and_geometry
+
+    tag_dir = Path(tag_dir)
+    run_root = tag_dir.parent.parent
+    tokenizer, geometry = run_tokenizer_and_geometry(_run_config(run_root / "config.yaml"))
+    model = load_prompt_model(tag_dir)
+    _check_vocab(model.config.vocab_size, tokenizer, str(tag_dir))
+    meta = read_meta(tag_dir)
+    return EvalModel(model, tokenizer, geometry,
+                     {"checkpoint": str(tag_dir.resolve()), "kind": "prompt", "run": str(run_root.resolve()),
+                      "tag": tag_dir.name, "arch": meta["model_config"].get("arch"), "weights": "prompt",
+                      "method": meta["method"], "base": meta["base"]["path"]})

@@ -1,4 +1,4 @@
-"""A 2-rank ZeRO-3 finetune equals the single-process one: per-step losses within fp32 tolerance, and validation
+"""A 2-rank ZeRO-3 finetune, and a tp=2 one, equal the single-process one: per-step losses within fp32 tolerance, and validation
 with generation — whose ranks decode different numbers of steps (the fake task forces it) — finishes without
 hanging and gives rank 0 the single process's metrics; `ofa-eval run` under torchrun gathers the same results.
 
@@ -31,6 +31,10 @@ def runs(tmp_path_factory):
     for nproc in (1, 2):
         out[nproc] = root / f"run{nproc}"
         launch("train", "--config", str(config), "--run-dir", str(out[nproc]), nproc=nproc, timeout=600)
+    # tensor parallel: the same data on both ranks, each holding half of every split matrix and the EMA of its half
+    out["tp2"] = root / "run_tp2"
+    launch("train", "--config", str(config), "--run-dir", str(out["tp2"]), "--set", "parallel.tp=2", "--set",
+           "parallel.zero_stage=1", nproc=2, timeout=600)
     return out
 
 
@@ -48,6 +52,19 @@ def test_two_rank_zero3_finetune_and_validation_equal_one_process(runs):
                 assert b[key] == pytest.approx(a[key], rel=1e-6), (a["step"], key)
     # the odd image ids decode 3 more steps than the even ones: both lengths were really generated
     assert one[-1]["valid/length"] == pytest.approx((6 * 3 + 9) / 4)
+
+
+def test_tensor_parallel_finetune_with_ema_and_validation_equals_one_process(runs):
+    """tp=2: per-step losses, and validation (generation in lockstep, on the EMA weights each rank keeps for its
+    shard) equal the single process's."""
+    one, tp2 = read_metrics(runs[1]), read_metrics(runs["tp2"])
+    assert [m["step"] for m in tp2] == [m["step"] for m in one]
+    for a, b in zip(one, tp2):
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4), a["step"]
+        for key in ("valid/match", "valid/length", "valid/first"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], rel=1e-5), (a["step"], key)
+    assert sum("valid/first" in m for m in tp2) == 2
 
 
 def test_ofa_eval_run_on_two_ranks_gathers_what_one_process_finds(runs, tmp_path):

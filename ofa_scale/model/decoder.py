@@ -66,7 +66,7 @@ def relative_self_bias(abs_bias: torch.Tensor, token_table: nn.Module, image_tab
                        code_masks: torch.Tensor | None) -> torch.Tensor:
     """(B, H_local, Tq, T) self-attention bias of one decoder layer: the shared absolute bias plus the layer's text
     relative table, or for code-mode rows (code_masks True) its image table. Buckets are (Tq, T) int64."""
-    # [H8 image_gen] past max_target_positions the text table has no buckets (text_buckets is cut short): only
+    # image_gen: past max_target_positions the text table has no buckets (text_buckets is cut short): only
     # code-mode rows get that far (image_gen feeds bos + 1024 codes to place eos), and OFA then uses the image
     # table alone, as here. Checked only in that case, so the usual path has no host sync.
     if code_masks is not None and text_buckets.shape != image_buckets.shape:
@@ -225,7 +225,7 @@ class OFADecoder(nn.Module):
         x, self_pad, pos = self.embed(prev_output_tokens, code_masks, start)
         cross = self.cross_bias(pos, encoder_out.position_embeddings, incremental_state)
         causal_offset = None if full_context_alignment else start
-        # --- MuE early exit (H4, model/early_exit.py): per-sample exits that keep the KV cache whole; None = unchanged
+        # --- MuE early exit (model/early_exit.py): per-sample exits that keep the KV cache whole; None = unchanged
         if self.early_exit is not None:
             x = early_exit.run_decoder_layers(self, x, self_pad, pos, encoder_out, cross, causal_offset,
                                               incremental_state, self.early_exit)

@@ -241,7 +241,7 @@ class OFAEncoder(nn.Module):
         x, padding_mask, pos = self.embed(src_tokens, patch_images, patch_masks, sample_patch_num, generator)
         # like OFA, skip the key mask when nothing is padded (saves a masked copy of the bias per layer)
         layer_mask = padding_mask if bool(padding_mask.any()) else None
-        # --- MuE early exit (H4, model/early_exit.py): with a config the loop stops per sample; None = unchanged
+        # --- MuE early exit (model/early_exit.py): with a config the loop stops per sample; None = unchanged
         if self.early_exit is not None:
             x = early_exit.run_encoder_layers(self, x, padding_mask, layer_mask, pos, self.early_exit)
         else:

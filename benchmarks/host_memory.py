@@ -2,7 +2,7 @@
 on one rank).
 
     python benchmarks/host_memory.py --data DIR --tokenizer DIR [--arch ofa_base ofa_large] [--ranks 1 2]
-        [--zero 3] [--repo PATH ...] [--template JSON ...]
+        [--zero 3 2] [--repo PATH ...] [--template JSON ...]
 
 Each rank runs under `/usr/bin/time`, so the figure is the kernel's peak RSS of that process, whatever the code
 being measured reports itself (`--repo` measures another checkout with the same virtualenv, e.g. the previous
@@ -74,7 +74,7 @@ def main() -> None:
     p.add_argument("--tokenizer", required=True)
     p.add_argument("--arch", nargs="+", default=["ofa_base"])
     p.add_argument("--ranks", nargs="+", type=int, default=[1, 2])
-    p.add_argument("--zero", type=int, default=3)
+    p.add_argument("--zero", type=int, nargs="+", default=[3], help="ZeRO stages to measure, each its own rows")
     p.add_argument("--repo", nargs="+", default=[str(REPO)], help="checkouts to measure (labelled by path)")
     p.add_argument("--template", nargs="+", default=["default"],
                    help="DeepSpeed templates to measure (labelled by file name); 'default' = the checkout's own")
@@ -86,23 +86,24 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for arch in args.arch:
             states = model_state_gib(arch, vocab)
-            for repo, template in itertools.product(args.repo, args.template):
+            for zero, repo, template in itertools.product(args.zero, args.repo, args.template):
                 label = Path(repo).name if template == "default" else f"{Path(repo).name}:{Path(template).stem}"
-                cfg = config(arch, args.data, args.tokenizer, args.zero, None if template == "default" else template)
+                cfg = config(arch, args.data, args.tokenizer, zero, None if template == "default" else template)
                 for ranks in args.ranks:
-                    work = Path(tmp) / f"{arch}-{label.replace(':', '-')}-{ranks}"
+                    work = Path(tmp) / f"{arch}-z{zero}-{label.replace(':', '-')}-{ranks}"
                     peaks = measure(Path(repo), cfg, ranks, work)
-                    rows.append((arch, label, ranks, max(peaks), min(peaks), states))
+                    rows.append((arch, zero, label, ranks, max(peaks), min(peaks), states))
                     print(f"measured {rows[-1]}", file=sys.stderr, flush=True)
-    print(f"| model | checkout | ranks (ZeRO-{args.zero}) | peak RSS, largest rank GiB | smallest rank GiB | "
-          f"model states GiB (1 rank) | largest / states | vs 1 rank |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| model | ZeRO | checkout | ranks | peak RSS, largest rank GiB | smallest rank GiB | "
+          "model states GiB (1 rank) | largest / states | vs 1 rank |")
+    print("|---|---|---|---|---|---|---|---|---|")
     one = {}
-    for arch, repo, ranks, hi, lo, states in rows:
+    for arch, zero, repo, ranks, hi, lo, states in rows:
         if ranks == 1:
-            one[(arch, repo)] = hi
-        ratio = hi / one[(arch, repo)] if (arch, repo) in one else float("nan")
-        print(f"| {arch} | {repo} | {ranks} | {hi:.2f} | {lo:.2f} | {states:.2f} | {hi / states:.2f} | {ratio:.2f} |")
+            one[(arch, zero, repo)] = hi
+        ratio = hi / one[(arch, zero, repo)] if (arch, zero, repo) in one else float("nan")
+        print(f"| {arch} | {zero} | {repo} | {ranks} | {hi:.2f} | {lo:.2f} | {states:.2f} | {hi / states:.2f} | "
+              f"{ratio:.2f} |")
 
 
 if __name__ == "__main__":

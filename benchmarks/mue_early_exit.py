@@ -1,25 +1,30 @@
 """MuE early exit (model/early_exit.py) against the full model: layers run, wall time and the metric, side by side.
 
-For caption (beam search, the recipe's decoding) and VQA (beam search over the answer trie, so the decoder exits
-too; the recipe's all-candidate scorer exits only in the encoder), on held-out synthetic data from
-`ofa-preprocess sample` (made in --work once, as scripts/demo_finetune.sh makes its held-out splits):
+By default it first finetunes tiny models on `ofa-preprocess sample`'s synthetic data (the demo's small OFA from
+`make demo`, 64-px images, one process): each task with its MuE recipe (configs/finetune/*_mue.yaml: the
+modality-decomposed encoder, the loss summed over every decoder layer) and, for comparison, with the ordinary
+recipe under the same budget. Then every model is evaluated on the held-out test split with exits off and at each
+setting:
 
-    python benchmarks/mue_early_exit.py --model runs/demo                 # a trained run (metric delta meaningful)
-    python benchmarks/mue_early_exit.py --thresholds 0.99,0.95,0.9 --repeats 3
-    python benchmarks/mue_early_exit.py                                   # random ofa_tiny (speed only)
+    python benchmarks/mue_early_exit.py                                    # finetune (reused in --work), measure
+    python benchmarks/mue_early_exit.py --steps 300 --thresholds 0.9,0.8 --repeats 3
+    python benchmarks/mue_early_exit.py --model RUN --tasks caption        # an existing run (no finetuning)
 
-Each cell: the full model (a threshold of 1: never exits, bit-identical to exits off) and each threshold, run
-interleaved `--repeats` times over the same items after a warm-up round (each round starting with the next
-setting). Ratios are exit / full:
-* encoder / decoder layers: mean layers run per encoder sample / decoder row-step over the stack's depth;
-* decoder steps: beam rows × steps decoded — exits that change the outputs change their lengths, and the time
-  follows that as much as the layers;
-* wall time: median seconds of the whole evaluation (encoder, decoding, the task's post-processing); CPU time:
-  this process's CPU seconds, steadier than wall time on a machine shared with other jobs.
-Δ metric = exit − full (caption CIDEr-D, VQA score); "same prediction" = the share of items predicted exactly as
-the full model does (a quality check that also means something for a weak or random model).
-The threshold applies to encoder and decoder alike, with MuE's decoder schedule (no exit in the first third of
-the steps); `--early-exit-extra` appends keys, e.g. kv_fill=hidden.
+Settings per model: "recipe" = the recipe's `task.early_exit`, MuE's evaluation thresholds (spec ext §10.7.4:
+caption img 0.99 / txt 0.7 / decoder 0.9 with the decoder schedule; SNLI-VE img 0.7 / txt 0.99 / decoder 0.7,
+no schedule in the all-candidate pass) — per-stream thresholds need the decomposed encoder, so ordinary models skip
+it — and each `--thresholds` value for every stack. Runs are interleaved `--repeats` times over the same items after
+a warm-up round (each round starting with the next setting). Ratios are exit / full:
+* image / text / encoder / decoder layers: mean layers run per sample (decoder: per row-step) over the stack depth
+  (image / text: the decomposed encoder's streams; encoder: an ordinary model's joint encoder);
+* wall time: median seconds of the whole evaluation; CPU time: this process's CPU seconds (steadier on a shared
+  machine).
+Δ metric = exit − full (caption CIDEr-D, SNLI-VE / VQA accuracy / score); "same" = the share of items predicted
+exactly as the full model does.
+
+SNLI-VE scores every candidate. With a decoder threshold the scorer takes the decoder's own teacher-forced pass
+(OFA's naive scorer, where the exits live) instead of the prefix-tree scorer, so here the full model runs that
+same naive pass too: the ratios compare like with like.
 """
 
 from __future__ import annotations
@@ -34,121 +39,160 @@ from pathlib import Path
 
 import torch
 
+from ofa_scale.finetune import closed_set
 from ofa_scale.finetune.evaluate import evaluate
 from ofa_scale.finetune.task import make_task
 from ofa_scale.model import early_exit
 from ofa_scale.model.early_exit import EarlyExitConfig
+from ofa_scale.model.generate import score_candidates_naive
 from ofa_scale.training.config import load_training_config
 
 ROOT = Path(__file__).resolve().parents[1]
-TASKS = {  # name -> (recipe, test split TSV, metric, extra overrides)
-    "caption": ("caption_stage1_base", "caption_test.tsv", "cider", []),
-    "vqa": ("vqa_base", "vqa_test.tsv", "vqa_score", ["task.decoding.inference=beam"]),
+TASKS = {  # name -> (recipe stem, metric, extra overrides)
+    "caption": ("caption_stage1_base", "cider", []),
+    "snli_ve": ("snli_ve_base", "accuracy", []),
+    "vqa": ("vqa_base", "vqa_score", ["task.decoding.inference=beam"]),
 }
+MUE_RECIPES = {"caption": "caption_stage1_base_mue", "snli_ve": "snli_ve_base_mue"}
+SHARDS = {"caption": ["caption_stage1_train", "caption_val", "caption_test"],
+          "snli_ve": ["snli_ve_train", "snli_ve_val", "snli_ve_test"],
+          "vqa": ["vqa_train", "vqa_val", "vqa_test"]}
+TRAIN_SHARDS = {"caption": "caption_stage1_train", "snli_ve": "snli_ve_train", "vqa": "vqa_train"}
+# the demo's small OFA (scripts/demo_finetune.sh) and the demo tokenizer
+MODEL = ["model.arch=ofa_tiny", "model.overrides.d_model=128", "model.overrides.ffn_dim=256", "model.overrides.heads=4",
+         "model.overrides.encoder_layers=2", "model.overrides.decoder_layers=2", "precision=fp32"]
 
 
 def sh(*args: str) -> None:
     subprocess.run([sys.executable, "-m", *args], check=True, stdout=subprocess.DEVNULL, cwd=ROOT)
 
 
-def make_data(work: Path, images: int) -> Path:
-    """Held-out caption/VQA shards and the VQA answer file (once per --work directory)."""
+def make_data(work: Path, images: int, eval_images: int) -> Path:
+    """Train / valid / test shards of every task and the VQA answer file (once per --work directory)."""
     data = work / "data"
     if (data / "vqa_answers.txt").is_file():
         return data
     tsv = data / "corpus" / "finetune"
     sh("ofa_scale.cli.preprocess", "sample", "--out", str(data / "corpus"), "--rows", "1", "--seed", "0",
-       "--finetune-images", "32", "--finetune-eval-images", str(images))
-    for name in ("caption_test", "vqa_test"):
-        sh("ofa_scale.cli.preprocess", "shards", "--format", name.split("_")[0], "--input", str(tsv / f"{name}.tsv"),
-           "--out", str(data / name), "--no-progress")
+       "--finetune-images", str(images), "--finetune-eval-images", str(eval_images))
+    for task, names in SHARDS.items():
+        for name in names:
+            sh("ofa_scale.cli.preprocess", "shards", "--format", task, "--input", str(tsv / f"{name}.tsv"),
+               "--out", str(data / name), "--no-progress")
     sh("ofa_scale.cli.preprocess", "vqa-answers", "--input", str(tsv / "vqa_train.tsv"),
        "--out", str(data / "vqa_answers.txt"))
     return data
 
 
-def load(args, recipe: str, overrides: list[str]):
-    """(training config, EvalModel) of the trained --model, or a random ofa_tiny with the demo's tokenizer."""
+def task_overrides(args, task: str, data: Path) -> list[str]:
+    out = [f"task.image_size={args.image_size}", "data.tokenizer.kind=sentencepiece",
+           f"data.tokenizer.path={args.tokenizer}", *TASKS[task][2], *args.set]
+    if task == "vqa":
+        out.append(f"task.answers={data / 'vqa_answers.txt'}")
+    return out
+
+
+def finetune(args, task: str, recipe: str, run: Path, data: Path) -> Path:
+    """A brief finetune of the demo model with `recipe` (reused when `run` already finished)."""
+    if (run / "checkpoints" / "latest").exists():
+        return run
+    valid = SHARDS[task][1]
+    cmd = [sys.executable, "-m", "ofa_scale.train", "--config", str(ROOT / "configs" / "finetune" / f"{recipe}.yaml"),
+           "--run-dir", str(run)]
+    for kv in [*MODEL, *task_overrides(args, task, data), f"model.pretrained={args.pretrained}",
+               f"data.train={data / TRAIN_SHARDS[task]}", f"data.valid={data / valid}", f"train.steps={args.steps}",
+               "train.epochs=50", f"train.global_batch_size={args.batch}", f"train.micro_batch_size={args.batch}",
+               f"optim.lr={args.lr}", "schedule.warmup_ratio=0.06", f"train.ckpt_interval={args.steps}",
+               f"task.valid_interval={args.steps}", "task.valid_limit=16", "data.num_workers=1",
+               "logging.mlflow=false", "objectives.drop_worst_after=100000"]:
+        cmd += ["--set", kv]
+    print(f"finetuning {task} with {recipe} ({args.steps} updates) -> {run}", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL,
+                   env={**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONWARNINGS": "ignore"})
+    print(f"  {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+    return run
+
+
+def settings_for(cfg, decomposed: bool, thresholds: list[float]) -> list[tuple[str, EarlyExitConfig]]:
+    """(label, exits) per setting; the full model first (thresholds 1: never exits, bit-identical to exits off,
+    and still counting layers)."""
+    out = [("full", EarlyExitConfig())]
+    if decomposed and cfg.task.early_exit:
+        out.append((f"recipe {cfg.task.early_exit}", EarlyExitConfig.parse(cfg.task.early_exit)))
+    out += [(f"{t}", EarlyExitConfig.parse(str(t))) for t in thresholds]
+    return out
+
+
+def measure(args, task: str, label: str, checkpoint: Path | str, recipe: str, data: Path,
+            thresholds: list[float], device, dtype) -> list[dict]:
     from ofa_scale.finetune.eval_cli import _load
 
-    cfg = load_training_config(ROOT / "configs" / "finetune" / f"{recipe}.yaml", overrides)
-    if args.model:
-        return cfg, _load(args.model, cfg, use_ema=True)
-    from ofa_scale.data.tokenizer import load_tokenizer
-    from ofa_scale.evaluation.model_source import EvalModel
-    from ofa_scale.model import OFAConfig, OFAModel
-
-    tok = load_tokenizer(cfg.data.tokenizer.kind, cfg.data.tokenizer.path)
-    torch.manual_seed(0)
-    model = OFAModel(OFAConfig.preset("ofa_tiny", vocab_size=len(tok))).eval()
-    return cfg, EvalModel(model, tok, None, {"checkpoint": "random ofa_tiny"})
-
-
-def run_task(args, name: str, data: Path, thresholds: list[float], device, dtype) -> list[dict]:
-    recipe, _, metric, extra = TASKS[name]
-    overrides = [f"task.image_size={args.image_size}", "precision=fp32", *extra, *args.set]
-    if name == "vqa":
-        overrides.append(f"task.answers={data / 'vqa_answers.txt'}")
-    # a run dir carries its own tokenizer (these are then unused); a random model or a model dir uses --tokenizer
-    overrides += ["data.tokenizer.kind=sentencepiece", f"data.tokenizer.path={args.tokenizer}"]
-    cfg, loaded = load(args, recipe, overrides)
+    cfg = load_training_config(ROOT / "configs" / "finetune" / f"{recipe}.yaml", task_overrides(args, task, data))
+    loaded = _load(str(checkpoint), cfg, use_ema=True)
     model = loaded.model.to(device=device, dtype=dtype).eval()
-    task = make_task(cfg.task, loaded.tokenizer)
-    shards = data / f"{name}_test"
-    # the full model: a threshold of 1 never exits (bit-identical to exits off, tests/model/test_early_exit.py) and
-    # still counts the decoder row-steps, which differ when exits change the outputs' lengths
-    settings: list[EarlyExitConfig] = [EarlyExitConfig(encoder=1.0, decoder=1.0)]
-    for t in thresholds:
-        spec = f"encoder={t},decoder={t}" + (f",{args.early_exit_extra}" if args.early_exit_extra else "")
-        settings.append(EarlyExitConfig.parse(spec))
-    seconds: dict[int, list[float]] = {i: [] for i in range(len(settings))}
-    cpu: dict[int, list[float]] = {i: [] for i in range(len(settings))}
-    metrics: dict[int, float] = {}
-    predictions: dict[int, list] = {}
-    stats: dict[int, early_exit.ExitStats] = {}
+    decomposed = bool(model.config.mue)
+    task_obj = make_task(cfg.task, loaded.tokenizer)
+    shards = data / SHARDS[task][2]
+    settings = settings_for(cfg, decomposed, thresholds)
+    seconds = {i: [] for i in range(len(settings))}
+    cpu = {i: [] for i in range(len(settings))}
+    metrics, predictions, stats = {}, {}, {}
+    metric = TASKS[task][1]
     for rep in range(args.repeats + 1):  # the first round warms up
-        # each round starts with another setting, so none pays a round's first-call costs every time
         for i in [(rep + k) % len(settings) for k in range(len(settings))]:
-            exits = settings[i]
+            exits = settings[i][1]
             exits.stats = early_exit.ExitStats()
             early_exit.enable(model, exits)
             start, start_cpu = time.perf_counter(), time.process_time()
-            result = evaluate(task, model, shards, device=device, dtype=dtype, limit=args.limit, final=False)
+            result = evaluate(task_obj, model, shards, device=device, dtype=dtype, limit=args.limit, final=False)
             if rep:
                 seconds[i].append(time.perf_counter() - start)
                 cpu[i].append(time.process_time() - start_cpu)
             metrics[i] = result.metrics[metric]
             predictions[i] = [{k: v for k, v in p.items() if k != "id"} for p in result.predictions]
-            stats[i] = exits.stats
+            stats[i] = exits.stats.summary()
     early_exit.enable(model, None)
     full_time, full_cpu = statistics.median(seconds[0]), statistics.median(cpu[0])
     rows = []
-    for i, t in enumerate(thresholds, start=1):
+    for i, (setting, _) in enumerate(settings):
         same = sum(a == b for a, b in zip(predictions[0], predictions[i])) / max(len(predictions[0]), 1)
-        rows.append(dict(task=name, threshold=t, metric=metric, samples=result.samples,
-                         enc=stats[i].summary()["encoder_layers_fraction"],
-                         dec=stats[i].summary()["decoder_layers_fraction"],
-                         steps=stats[i].decoder_row_steps / stats[0].decoder_row_steps,
-                         time=statistics.median(seconds[i]) / full_time, full_s=full_time,
-                         full_range=(min(seconds[0]), max(seconds[0])),
-                         cpu=statistics.median(cpu[i]) / full_cpu,
-                         full=metrics[0], exit=metrics[i], same=same))
+        layers = {part: stats[i].get(f"{part}_layers_fraction") for part in early_exit.PARTS}
+        rows.append(dict(task=task, model=label, setting=setting, metric=metric, samples=result.samples,
+                         layers=layers, time=statistics.median(seconds[i]) / full_time, full_s=full_time,
+                         cpu=statistics.median(cpu[i]) / full_cpu, full=metrics[0], exit=metrics[i], same=same))
     return rows
+
+
+def _naive_all_candidates(model, batch, candidates, **kw):
+    """The benchmark's all-candidate scorer: OFA's naive pass for every setting (module docstring)."""
+    kw.pop("rows_per_pass", None)
+    return score_candidates_naive(model, batch, candidates, **kw)
+
+
+def _cell(x) -> str:
+    return "–" if x is None else f"{x:.2f}×"
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default=None, help="trained run dir / model dir / OFA .pt (default: random ofa_tiny)")
+    p.add_argument("--model", default=None, help="evaluate this run dir / model dir / .pt instead of finetuning")
+    p.add_argument("--pretrained", default=str(ROOT / "runs" / "demo"), help="what the finetunes start from")
     p.add_argument("--tokenizer", default=str(ROOT / "runs" / "demo" / "data" / "tokenizer"),
-                   help="sentencepiece tokenizer dir for a random model or a model dir (a run carries its own)")
-    p.add_argument("--thresholds", default="0.99,0.95,0.9")
-    p.add_argument("--tasks", default="caption,vqa")
-    p.add_argument("--early-exit-extra", default="", help="extra --early-exit keys, e.g. kv_fill=hidden")
+                   help="sentencepiece tokenizer dir (the demo's)")
+    p.add_argument("--tasks", default="caption,snli_ve")
+    p.add_argument("--variants", default="mue,plain",
+                   help="finetunes per task: mue (the *_mue recipe) and/or plain (the ordinary recipe)")
+    p.add_argument("--thresholds", default="0.9,0.8", help="single thresholds for every stack, besides the recipe's")
+    p.add_argument("--steps", type=int, default=200, help="finetuning updates")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--limit", type=int, default=0, help="items per task (0 = the whole held-out split)")
-    p.add_argument("--images", type=int, default=48, help="held-out images made per split")
+    p.add_argument("--images", type=int, default=192, help="training images made")
+    p.add_argument("--eval-images", type=int, default=48, help="held-out images made per split")
     p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--work", default="/tmp/ofa_mue_bench", help="where the sample data is made (reused)")
+    p.add_argument("--work", default="/tmp/ofa_mue_bench", help="where the sample data and the runs go (reused)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
     p.add_argument("--threads", type=int, default=2)
@@ -156,24 +200,36 @@ def main() -> int:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
-    data = make_data(Path(args.work), args.images)
+    work = Path(args.work)
+    data = make_data(work, args.images, args.eval_images)
     device = torch.device(args.device)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
-    thresholds = [float(t) for t in args.thresholds.split(",")]
+    thresholds = [float(t) for t in args.thresholds.split(",") if t]
+    closed_set.score_candidates = _naive_all_candidates
     rows = []
-    for name in args.tasks.split(","):
-        rows += run_task(args, name, data, thresholds, device, dtype)
-    fill = EarlyExitConfig.parse("1" if not args.early_exit_extra else f"encoder=1,{args.early_exit_extra}").kv_fill
-    print(f"model: {args.model or 'random ofa_tiny'}; device {device} {args.dtype}, {args.threads} threads; "
-          f"{args.repeats} repeats (medians); image {args.image_size}px; kv_fill={fill}")
-    print("| task | τ | samples | encoder layers | decoder layers | decoder steps | wall time | CPU time "
-          "| full s (min–max) | metric full | metric exit | Δ metric | same prediction |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for task in args.tasks.split(","):
+        if args.model:
+            recipe = MUE_RECIPES.get(task, TASKS[task][0])
+            rows += measure(args, task, Path(args.model).name, args.model, recipe, data, thresholds, device, dtype)
+            continue
+        for variant in args.variants.split(","):
+            recipe = MUE_RECIPES[task] if variant == "mue" else TASKS[task][0]
+            run = finetune(args, task, recipe, work / "runs" / f"{task}_{variant}", data)
+            rows += measure(args, task, variant, run, recipe, data, thresholds, device, dtype)
+    print(f"models: {args.model or f'{args.variants} finetunes of {args.pretrained} ({args.steps} updates)'}; "
+          f"device {device} {args.dtype}, {args.threads} threads; {args.repeats} repeats (medians); "
+          f"image {args.image_size}px")
+    print("| task | model | exits | samples | image layers | text layers | encoder layers | decoder layers "
+          "| wall time | CPU time | full s | metric full | metric exit | Δ metric | same |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        low, high = r["full_range"]
-        print(f"| {r['task']} | {r['threshold']} | {r['samples']} | {r['enc']:.2f}× | {r['dec']:.2f}× | "
-              f"{r['steps']:.2f}× | {r['time']:.2f}× | {r['cpu']:.2f}× | {r['full_s']:.2f} ({low:.2f}–{high:.2f}) "
-              f"| {r['metric']} {r['full']:.4f} | {r['exit']:.4f} | {r['exit'] - r['full']:+.4f} | {r['same']:.0%} |")
+        if r["setting"] == "full":
+            continue
+        lay = r["layers"]
+        print(f"| {r['task']} | {r['model']} | {r['setting']} | {r['samples']} | {_cell(lay['image'])} | "
+              f"{_cell(lay['text'])} | {_cell(lay['encoder'])} | {_cell(lay['decoder'])} | {r['time']:.2f}× | "
+              f"{r['cpu']:.2f}× | {r['full_s']:.2f} | {r['metric']} {r['full']:.4f} | {r['exit']:.4f} | "
+              f"{r['exit'] - r['full']:+.4f} | {r['same']:.0%} |")
     return 0
 
 

@@ -12,8 +12,8 @@ from ofa_scale.cli import subcommand_main
 
 SUBCOMMANDS = {
     "import-ofa": ("ofa_scale.model.checkpoint",
-                   "import a fairseq/OFA or OFA-CN checkpoint (.pt) into an ofa-scale model directory "
-                   "(safetensors + config)"),
+                   "import a fairseq/OFA, OFA-CN or prompt-tuned (prefix/adapter/BitFit) OFA checkpoint (.pt) "
+                   "into an ofa-scale model directory (safetensors + config)"),
     "export": ("ofa_scale.parallel.export_cli",
                "consolidate a canonical checkpoint (any tp/pp/dp/ZeRO layout) into a model directory "
                "(safetensors + config)"),

@@ -443,7 +443,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="corpus seed; same seed, same bytes")
     parser.add_argument("--finetune-images", type=int, default=256, metavar="N",
                         help="training images of the finetuning TSVs in OUT/finetune/ (caption, vqa, refcoco, "
-                             "snli_ve; 0 writes none)")
+                             "snli_ve, imagenet; 0 writes none)")
     parser.add_argument("--finetune-eval-images", type=int, default=64, metavar="N",
                         help="images of each held-out finetuning split (val, test), disjoint from training")
     parser.add_argument("--ocr-font", default=None, metavar="PATH",
@@ -457,6 +457,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vqgan", default=None, metavar="DIR",
                         help="image_examples codes from this VQGAN (model.yaml + last.ckpt) instead of the colour "
                              "quantiser stand-in")
+    parser.add_argument("--image-gen-rows", type=int, default=256, metavar="N",
+                        help="training rows of the text-to-image TSV in OUT/image_gen/ (caption + 1024 codes; 0 "
+                             "writes none; codes from --vqgan when given)")
+    parser.add_argument("--image-gen-eval-rows", type=int, default=32, metavar="N",
+                        help="rows of each held-out text-to-image split (val, test)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -485,6 +490,17 @@ def run(args: argparse.Namespace) -> int:
                 # the rest of the corpus needs no CJK font: say what is missing instead of failing the whole sample
                 print(f"OCR lines not written: {e}")
         for path in ocr.values():
+            print(f"{path}: {sum(1 for _ in open(path, 'rb'))} rows")
+        from ofa_scale.data.sample_classes import write_classes_corpus  # ImageNet-style classes (issue 11 §1)
+
+        for path in write_classes_corpus(Path(args.out) / "finetune", args.finetune_images, args.finetune_eval_images,
+                                         seed=args.seed).values():
+            print(f"{path}: {sum(1 for _ in open(path, 'rb'))} rows")
+    if args.image_gen_rows:
+        from ofa_scale.data.sample_image_gen import write_image_gen_corpus  # text-to-image (issue 11 §5)
+
+        for path in write_image_gen_corpus(Path(args.out) / "image_gen", args.image_gen_rows,
+                                           args.image_gen_eval_rows, seed=args.seed, vqgan=args.vqgan).values():
             print(f"{path}: {sum(1 for _ in open(path, 'rb'))} rows")
     if args.text_rows:
         from ofa_scale.data.sample_text_tasks import write_text_corpus  # Gigaword and GLUE (issue 11)

@@ -1,7 +1,7 @@
 """`ofa-demo`: a local web page to try a trained model: caption, grounding, VQA and instruction tabs.
 
     ofa-demo --model RUN_OR_MODEL [--tokenizer-path DIR] [--host 127.0.0.1] [--port 7860] [--device D]
-             [--vqgan DIR [--samples N]]    # adds a text-to-image tab
+             [--vqgan DIR [--samples N] [--clip ViT-B-16.pt]]    # adds a text-to-image tab
 
 Open the printed URL in a browser. The page listens on 127.0.0.1 only unless --host says otherwise; requests are
 bounded in size (--max-image-mb, --max-pixels, --max-text-chars) and in concurrency (--concurrency running,
@@ -19,6 +19,7 @@ from ofa_scale.cli import run_cli
 from ofa_scale.demo.capabilities import capabilities
 from ofa_scale.demo.limits import Limits
 from ofa_scale.errors import UserError
+from ofa_scale.predict.image_gen import add_clip_options
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -46,8 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a taming VQGAN (model.yaml + last.ckpt): adds the text-to-image tab (the model must be "
                         "an image_gen model: a 32x32 code grid)")
     p.add_argument("--samples", type=int, default=4, metavar="N",
-                   help="text-to-image: images per caption, ranked by the model's log-probability (default "
-                        "%(default)d; each is 1024 decoding steps)")
+                   help="text-to-image: images per caption, best first: by CLIP similarity with --clip, else by "
+                        "the model's log-probability (default %(default)d; each is 1024 decoding steps)")
+    add_clip_options(p, "text-to-image: ")
     p.add_argument("--max-image-mb", type=float, default=defaults.max_image_bytes / 2**20,
                    help="largest upload, MiB (default %(default)g)")
     p.add_argument("--max-pixels", type=int, default=defaults.max_pixels,
@@ -76,12 +78,15 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--answers {args.answers} does not exist")
     if args.vqgan and not Path(args.vqgan).is_dir():
         raise UserError(f"--vqgan {args.vqgan} is not a directory (it holds model.yaml and last.ckpt)")
+    if args.clip and not args.vqgan:
+        raise UserError("--clip ranks text-to-image samples; it needs --vqgan DIR (the text-to-image tab)")
     from ofa_scale.demo.engine import DemoModel
 
     tabs = capabilities(vqgan=bool(args.vqgan))
     engine = DemoModel(args.model, tokenizer_path=args.tokenizer_path, device=args.device,
                        capabilities=tabs, limits=limits, overrides=tuple(args.overrides),
-                       answers=args.answers, ema=not args.no_ema, vqgan=args.vqgan, samples=args.samples)
+                       answers=args.answers, ema=not args.no_ema, vqgan=args.vqgan, samples=args.samples,
+                       clip=args.clip, clip_arch=args.clip_arch)
     from ofa_scale.demo.app import build_app  # gradio: imported only once the model is there (seconds)
 
     app = build_app(engine, tabs)

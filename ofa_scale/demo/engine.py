@@ -34,7 +34,7 @@ class DemoModel:
     def __init__(self, model: str, *, tokenizer_path: Optional[str] = None, device: Optional[str] = None,
                  capabilities: tuple[Capability, ...], limits: Limits, overrides: tuple[str, ...] = (),
                  answers: Optional[str] = None, ema: bool = True, vqgan: Optional[str] = None,
-                 samples: int = 4, seed: int = 42):
+                 samples: int = 4, seed: int = 42, clip: Optional[str] = None, clip_arch: str = "ViT-B-16"):
         self.device, self.dtype = pick_device(device)
         loaded = load_model(model, tokenizer_path, ema=ema)
         self.description = loaded.description
@@ -47,16 +47,21 @@ class DemoModel:
                 continue
             spec = get_spec(cap.task)
             section = task_section(spec, run_task=run_task, recipe=None, overrides=list(overrides), batch_size=1,
-                                   answers=answers if spec.name == "vqa" else None)
+                                   answers=answers if spec.name == "vqa" else None, tokenizer=loaded.tokenizer)
             self.predictors[cap.key] = Predictor(spec, section, loaded.tokenizer)
         self.model = loaded.model.to(device=self.device, dtype=self.dtype).eval()
         self.image_gen: Optional[ImageGenerator] = None
         if any(cap.task == IMAGE_GEN for cap in capabilities):
             if not vqgan:
                 raise UserError("the text-to-image tab needs --vqgan DIR")
+            from ofa_scale.predict.image_gen import load_clip
             from ofa_scale.vqgan import load_vqgan
+            # --clip: the samples are ranked by CLIP similarity as `ofa-predict --clip` ranks them
             self.image_gen = ImageGenerator(self.model, loaded.tokenizer, load_vqgan(vqgan, device=self.device),
-                                            samples=samples, device=self.device)
+                                            samples=samples, device=self.device,
+                                            clip=load_clip(clip, clip_arch, self.device))
+        elif clip:
+            raise UserError("--clip ranks text-to-image samples; it needs --vqgan DIR (the text-to-image tab)")
         self.seed = seed  # every request for a caption draws the same images, as `ofa-predict --seed` does
         self.n_params = sum(p.numel() for p in self.model.parameters())
         # gradio's queue already runs one request at a time by default; the lock keeps the model single-user
@@ -94,14 +99,14 @@ class DemoModel:
         return Answer(text=str(value))
 
     def _images(self, cap: Capability, text: Optional[str]) -> Answer:
-        from ofa_scale.vqgan import to_pil
-
         text = check_text(text, self.limits, what=cap.text_what, required=True)
         with self._lock:
-            samples = self.image_gen.sample(text, self.seed)
-            images = tuple(to_pil(self.image_gen.render(samples)))
-        return Answer(text="log-probabilities (best first): " + ", ".join(f"{s.logprob:.1f}" for s in samples),
-                      images=images)
+            samples, images = self.image_gen.generate(text, self.seed)
+        if self.image_gen.clip is not None:
+            scores = "CLIP similarity (best first): " + ", ".join(f"{s.clip:.3f}" for s in samples)
+        else:
+            scores = "log-probabilities (best first): " + ", ".join(f"{s.logprob:.1f}" for s in samples)
+        return Answer(text=scores, images=tuple(images))
 
 
 def _count(n: int) -> str:

@@ -47,9 +47,10 @@ class EvalModel:
     description: dict[str, Any] = field(default_factory=dict)
 
 
-def load_eval_model(checkpoint: str | Path, *, tokenizer_kind: str = "gpt2-bpe",
+def load_eval_model(checkpoint: str | Path, *, tokenizer_kind: Optional[str] = None,
                     tokenizer_path: str | None = None) -> EvalModel:
-    from ofa_scale.model.checkpoint import CONFIG_FILE
+    """`tokenizer_kind` None: the kind a model directory recorded (OFA-CN imports: bert), else gpt2-bpe."""
+    from ofa_scale.model.checkpoint import CONFIG_FILE, recorded_tokenizer_kind
     from ofa_scale.training.run_dir import locate_run_checkpoint
 
     path = Path(checkpoint)
@@ -68,7 +69,7 @@ def load_eval_model(checkpoint: str | Path, *, tokenizer_kind: str = "gpt2-bpe",
     from ofa_scale.data.tokenizer import load_tokenizer
     from ofa_scale.model.checkpoint import load_pretrained
 
-    tokenizer = load_tokenizer(tokenizer_kind, tokenizer_path)
+    tokenizer = load_tokenizer(tokenizer_kind or recorded_tokenizer_kind(path) or "gpt2-bpe", tokenizer_path)
     model = load_pretrained(path)
     _check_vocab(model.config.vocab_size, tokenizer, str(path))
     return EvalModel(model.eval(), tokenizer, InputGeometry(num_bins=tokenizer.num_bins),
@@ -99,6 +100,10 @@ def _from_run(run_root: Path, tag: Optional[str]) -> EvalModel:
         tag = point.tag
     elif not (ckpt_dir / tag / TRAINER_RECORD).is_file():
         raise UserError(f"{ckpt_dir / tag} is not a complete checkpoint (no {TRAINER_RECORD}); pick another step")
+    from ofa_scale.finetune.prompt_checkpoint import has_prompt_checkpoint, load_prompt_eval_model
+
+    if has_prompt_checkpoint(ckpt_dir / tag):  # prompt tuning: the checkpoint holds the tuned parameters alone
+        return load_prompt_eval_model(ckpt_dir / tag)
     tokenizer, geometry = run_tokenizer_and_geometry(cfg)
     canonical = ckpt_dir / tag / CANONICAL_DIR
     if (canonical / INDEX).is_file():

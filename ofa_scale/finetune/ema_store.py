@@ -2,8 +2,9 @@
 
 Same files and index as `<tag>/canonical/` (parallel/canonical_store.py), kind "model" only: every trainable
 parameter's EMA, the frozen parameters as they are and the live BatchNorm statistics (what `EMA.swapped()` computes
-with), under OFA names. `ofa-eval run`, `model.pretrained` = a run directory and a resume under another layout read
-it; a resume under the same layout restores the exact per-rank shadows from the rank files instead.
+with), under OFA names; for a prompt-tuning run (`trained_only`) the averaged parameters alone. `ofa-eval run`,
+`model.pretrained` = a run directory and a resume under another layout read it; a resume under the same layout
+restores the exact per-rank shadows from the rank files instead.
 
 Writing is collective and never holds more than one full parameter per rank beyond the writer's buffer: each
 parameter's ZeRO-3 partitions are all-gathered over its partition group (every data-parallel rank takes part) and
@@ -35,12 +36,14 @@ def has_ema_copy(tag_dir: Path) -> bool:
 
 
 @torch.no_grad()
-def write_ema_copy(ctx, ema: EMA, tag_dir: Path, shapes: dict, step: int) -> None:
-    """Collective: every rank calls it (module docstring)."""
+def write_ema_copy(ctx, ema: EMA, tag_dir: Path, shapes: dict, step: int, trained_only: bool = False) -> None:
+    """Collective: every rank calls it (module docstring). `trained_only` (prompt tuning): the averaged parameters
+    alone, no frozen weight or statistic."""
     path = Path(tag_dir) / EMA_DIR
     rank = collectives.rank()
     writer = ShardWriter(path, rank)
-    for i, (name, p) in enumerate(ema.module.named_parameters()):
+    named = [(n, p) for n, p in ema.module.named_parameters() if not trained_only or n in ema.shadow]
+    for i, (name, p) in enumerate(named):
         value = ema.shadow[name] if name in ema.shadow else _local(p).float()
         if is_partitioned(p):
             value = torch.cat(collectives.all_gather(value.contiguous(), p.ds_process_group))
@@ -51,7 +54,7 @@ def write_ema_copy(ctx, ema: EMA, tag_dir: Path, shapes: dict, step: int) -> Non
         dim, offset, length = _slot(ctx, key, value.shape, shapes[key])
         writer.add(entry(MODEL, key), value if dim is None else value.narrow(dim, 0, length), shapes[key], dim,
                    offset)
-    if ctx.dp_rank == 0 and ctx.tp_rank == 0:  # statistics are replicated over tensor-parallel ranks
+    if ctx.dp_rank == 0 and ctx.tp_rank == 0 and not trained_only:  # statistics: replicated over tp ranks
         for name, buf in named_statistics(ema.module):
             writer.add(entry(MODEL, ofa_name(name)), buf, buf.shape)
     gathered = collectives.gather_object(writer.close(), 0)

@@ -1,12 +1,13 @@
 """`ofa-eval run`: evaluate a finetuned model with its recipe's task, decoding preset and test-time metrics.
 
     ofa-eval run --config configs/finetune/caption_stage1_base.yaml --checkpoint RUN_OR_MODEL --data SHARDS \\
-        --out DIR [--set k=v]... [--early-exit THRESH]
+        --out DIR [--set k=v]... [--early-exit THRESH | img=..,txt=..,decoder=.. | off]
     torchrun --nproc_per_node 8 -m ofa_scale.cli.evaluate run ...        (data-parallel, gathered once)
 
 CKPT: an ofa-train run directory (its best checkpoint, else latest; EMA weights when stored — finetune/weights.py),
 one of its checkpoints/step_* directories, an ofa-scale model directory or a released OFA .pt (the recipe's
-tokenizer, data.tokenizer.*). Writes DIR/results.json, DIR/metrics.json and DIR/row.md (finetune/evaluate.py);
+tokenizer, data.tokenizer.*). Writes DIR/results.json, DIR/metrics.json and DIR/row.md (finetune/evaluate.py),
+for image_gen also DIR/images/*.png and DIR/contact_sheet.png, logged to mlflow (finetune/eval_mlflow.py);
 scoring is the final protocol (captions: pycocoevalcap with the PTB tokenizer and METEOR).
 """
 
@@ -33,8 +34,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--label", default=None, help="the markdown row's first cell (default: the recipe name)")
     parser.add_argument("--no-ema", action="store_true", help="a run's live weights instead of its EMA weights")
     parser.add_argument("--early-exit", default=None, metavar="THRESH",
-                        help="MuE early exit at this cosine threshold (e.g. 0.95, or encoder=0.99,decoder=0.9; "
-                             "model/early_exit.py); metrics.json records the layers run")
+                        help="MuE early exit: one cosine threshold (e.g. 0.95) or img=0.99,txt=0.7,decoder=0.9 "
+                             "(MuE's img_thres/txt_thres/decoder_thres; encoder= sets img and txt; "
+                             "model/early_exit.py); default: the recipe's task.early_exit; 'off' = the full model. "
+                             "metrics.json records the layers run")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -49,7 +52,8 @@ def run(args: argparse.Namespace) -> int:
     from ofa_scale.training.config import load_training_config
 
     cfg = load_training_config(args.config, args.overrides)
-    exits = None if args.early_exit is None else EarlyExitConfig.parse(args.early_exit)
+    spec = args.early_exit if args.early_exit is not None else cfg.task.early_exit  # MuE: the flag, else the recipe
+    exits = None if spec in (None, "off") else EarlyExitConfig.parse(spec)
     if not cfg.finetuning:
         raise UserError(f"{args.config} sets no task.name; `ofa-eval run` evaluates finetuning recipes "
                         f"(configs/finetune/*.yaml)")
@@ -68,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
     dtype = torch.float32 if device.type == "cpu" else {"fp32": torch.float32, "bf16": torch.bfloat16,
                                                          "fp16": torch.float16}[cfg.precision]
     model = loaded.model.to(device=device, dtype=dtype).eval()
+    if "mue" in cfg.model.overrides:  # a MuE recipe runs any checkpoint with the decomposed encoder (no parameters)
+        model.config.mue = bool(cfg.model.overrides["mue"])
     early_exit.enable(model, exits)
     task = make_task(cfg.task, loaded.tokenizer)
     # every rank holds the whole model: forwards are not collective, so no lockstep is needed
@@ -80,6 +86,14 @@ def run(args: argparse.Namespace) -> int:
     if collectives.rank() == 0:
         label = args.label or Path(args.config).stem
         paths = write_outputs(args.out, task, result, label=label, extra=extra)
+        if paths.get("artifacts"):  # image_gen's PNGs and contact sheet (finetune/eval_mlflow.py)
+            from ofa_scale.finetune.eval_mlflow import log_evaluation
+
+            run_id = log_evaluation(cfg, args.out, label, result.metrics, paths["artifacts"],
+                                    {"checkpoint": loaded.description.get("checkpoint"), "data": extra["data"],
+                                     "recipe": extra["recipe"]})
+            print(f"ofa-eval run: {len(paths['artifacts'])} image files in {args.out}"
+                  + (f", logged to mlflow run {run_id}" if run_id else ""))
         print(f"ofa-eval run: {task.name}: {summary_line(task, result.metrics)} ({result.samples} samples, "
               f"{result.seconds:.1f}s)")
         print(markdown_header(task))

@@ -57,17 +57,27 @@ def read_records(task: FinetuneTask, shard_dir: str | Path) -> Iterator[dict]:
         yield from batch
 
 
-def read_items(task: FinetuneTask, shard_dir: str | Path, *, limit: int = 0, dp_rank: int = 0, dp_size: int = 1
-               ) -> tuple[list[tuple[int, EvalItem]], Optional[EvalItem]]:
+def in_fraction(index: int, fraction: float) -> bool:
+    """Whether record `index` is among an evenly spaced `fraction` of the records (every record at 1.0)."""
+    return fraction >= 1.0 or math.floor((index + 1) * fraction) > math.floor(index * fraction)
+
+
+def read_items(task: FinetuneTask, shard_dir: str | Path, *, limit: int = 0, dp_rank: int = 0, dp_size: int = 1,
+               fraction: float = 1.0) -> tuple[list[tuple[int, EvalItem]], Optional[EvalItem]]:
     """([(record index, item)] of this data-parallel rank, a spare item for padding). `limit` > 0 reads only the
-    first `limit` records. The spare is this rank's first item, or else the first item of the set, so a rank
-    that owns no item can still run the batches the others run."""
+    first `limit` records; `fraction` < 1 keeps an evenly spaced share of those (`in_fraction`, task.valid_fraction).
+    The spare is this rank's first item, or else the first item of the set, so a rank that owns no item can still
+    run the batches the others run."""
     mine: list[tuple[int, EvalItem]] = []
     spare: Optional[EvalItem] = None
+    kept = 0  # records taken so far: ranks share them round-robin (record i to rank i mod W at fraction 1)
     for index, record in enumerate(read_records(task, shard_dir)):
         if limit and index >= limit:
             break
-        if index % dp_size == dp_rank:
+        if not in_fraction(index, fraction):
+            continue
+        kept += 1
+        if (kept - 1) % dp_size == dp_rank:
             item = task.eval_item(record)
             if item is not None:
                 mine.append((index, item))
@@ -156,14 +166,21 @@ def markdown_header(task: FinetuneTask) -> str:
 
 
 def write_outputs(out_dir: str | Path, task: FinetuneTask, result: EvalResult, *, label: str,
-                  extra: Optional[dict[str, Any]] = None) -> dict[str, Path]:
+                  extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """DIR/results.json, DIR/metrics.json (the task's metric keys at the top level) and DIR/row.md (one
-    markdown table row). Rank 0 only."""
+    markdown table row), plus the task's own files (image_gen: images/*.png, contact_sheet.png; listed under
+    "artifacts"). Rank 0 only."""
     from ofa_scale.utils.io import atomic_write_json, atomic_write_text
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"results": out / "results.json", "metrics": out / "metrics.json", "row": out / "row.md"}
+    # tasks whose predictions are files (image_gen's PNGs and contact sheet) write them first: results.json
+    # lists their paths; the caller may log them (`artifacts`)
+    write_artifacts = getattr(task, "write_artifacts", None)
+    artifacts = write_artifacts(out, result.predictions, result.items) if write_artifacts else []
+    if artifacts:
+        paths["artifacts"] = artifacts
     atomic_write_json(paths["results"], results_entries(task, result.predictions))
     atomic_write_json(paths["metrics"], {"format_version": EVAL_FORMAT_VERSION, "task": task.name,
                                          **result.metrics, "samples": result.samples,

@@ -48,9 +48,12 @@ def token_embedding_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
 
 
 def resnet_stems(model: nn.Module) -> list[nn.Module]:
+    """The image stems (the ResNet, or OFA-OCR's ViT stem under model.image_stem: vit_b16, which
+    train.freeze_resnet freezes in its place)."""
     from ofa_scale.model.resnet import ResNetStem
+    from ofa_scale.model.vit_stem import ViTStem
 
-    return [m for m in model.modules() if isinstance(m, ResNetStem)]
+    return [m for m in model.modules() if isinstance(m, (ResNetStem, ViTStem))]
 
 
 def _stay_in_eval(self: nn.Module, mode: bool = True) -> nn.Module:

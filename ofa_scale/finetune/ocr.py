@@ -8,9 +8,8 @@ truncation); `task.language: zh` additionally insists on the bert tokenizer. Tas
 `is_document` (bool, default false), OFA's document resizing.
 
 Reproduced from OFA (ocr_dataset.py, tasks/mm_tasks/ocr.py), and the conscious changes:
-* Text: NFKC of the traditional→simplified conversion (zhconv, when installed; without it the text is only
-  NFKC-normalised, and a warning says so once), lower-cased; zh keeps the first `max_tgt_length` characters, en
-  the first `max_tgt_length` words. Target = BPE(" " + text) + eos; no constraint mask.
+* Text: NFKC of zhconv's traditional→simplified conversion, lower-cased; zh keeps the first `max_tgt_length`
+  characters, en the first `max_tgt_length` words. Target = BPE(" " + text) + eos; no constraint mask.
 * Image: see `ocr_resize`. OFA draws the padding offset from Python's unseeded `random`, even at evaluation; here
   training draws it from the record's seed (reproducible, resumable) and evaluation from the item id, so a
   checkpoint scores the same every run.
@@ -21,7 +20,6 @@ Reproduced from OFA (ocr_dataset.py, tasks/mm_tasks/ocr.py), and the conscious c
 
 from __future__ import annotations
 
-import logging
 import random
 import unicodedata
 import zlib
@@ -36,13 +34,9 @@ from ofa_scale.finetune.inputs import TOKENS_PER_WORD, best_tokens, check_pairs,
 from ofa_scale.finetune.prompts_cn import task_prompt
 from ofa_scale.finetune.task import EvalItem, Example, FinetuneTask, Lockstep
 
-log = logging.getLogger(__name__)
-
 MIN_SIDE = 64  # ocr_resize never shrinks a side below 64 px
 DOCUMENT_SIZE = 480  # is_document: 64×1920 cut into 4 rows of 480 px → 256×480, padded to the 480-px square
 DOCUMENT_ROWS = 4
-
-_warned_zhconv = False
 
 
 def ocr_resize(img: Image.Image, size: int, rng: random.Random, is_document: bool = False) -> Image.Image:
@@ -77,18 +71,10 @@ def ocr_resize(img: Image.Image, size: int, rng: random.Random, is_document: boo
 
 def normalise_text(text: str) -> str:
     """OFA's `unicodedata.normalize("NFKC", zhconv.convert(text, "zh-hans"))`: traditional → simplified,
-    full-width → half-width. zhconv is optional: without it only NFKC runs (warned once)."""
-    global _warned_zhconv
-    try:
-        import zhconv
-    except ImportError:
-        if not _warned_zhconv:
-            log.warning("zhconv is not installed: OCR text is NFKC-normalised but traditional characters are not "
-                        "converted to simplified as OFA does (pip install zhconv)")
-            _warned_zhconv = True
-    else:
-        text = zhconv.convert(text, "zh-hans")
-    return unicodedata.normalize("NFKC", text)
+    full-width → half-width (zhconv is a dependency, imported here so other tasks never load its tables)."""
+    import zhconv
+
+    return unicodedata.normalize("NFKC", zhconv.convert(text, "zh-hans"))
 
 
 def levenshtein(a: str, b: str) -> int:

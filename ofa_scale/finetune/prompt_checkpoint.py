@@ -1,13 +1,17 @@
 """The prompt checkpoint: a prompt-tuned model as the few parameters it trained plus a reference to its base.
 
-    RUN/checkpoints/step_N/prompt/prompt.safetensors   the tuned tensors only (full, fp32, OFA names)
+    RUN/checkpoints/step_N/prompt/prompt.safetensors   the tuned tensors only (full, fp32, OFA names; their EMA
+                                                       when the run keeps one)
     RUN/checkpoints/step_N/prompt/prompt.json          {"method", "base": {"path", "sha256"}, "model_config", ...}
 
 Written by the finetuning trainer into every checkpoint of a run with model.prompt_tuning (from the checkpoint's
-layout-free copy, so it is the same under any tp / ZeRO layout). `ofa-eval run` and `ofa-predict` load a prompt-tuned
-run through it (finetune/weights.py): the base model is read from its recorded path, and only after its content
-hash matches; a base that changed since training is refused in one sentence, since the tuned parameters are only
-meaningful on the exact weights they were trained against.
+layout-free copy, so it is the same under any tp / ZeRO layout). The rest of such a checkpoint holds no base weight
+either (the trainer's `trained_only`): DeepSpeed's files and the layout-free copy carry the tuned parameters, their
+Adam moments, the schedule, step, loader position and RNG, and a resume rebuilds the frozen base from the path the
+run recorded, after its hash matched (`agreed_base`). `ofa-eval run`, `ofa-predict` and `ofa-convert export` load
+a prompt-tuned checkpoint through it (finetune/weights.py): the base model is read from its recorded path, and only
+after its content hash matches; a base that changed since training is refused in one sentence, since the tuned
+parameters are only meaningful on the exact weights they were trained against.
 
 The content hash is SHA-256 over the base's files: the .pt file itself, or every file of an ofa-convert model
 directory, or of the checkpoint an ofa-train run resolved to (its best, else latest, when training started), by
@@ -78,6 +82,29 @@ def check_base(meta: dict, where: Path) -> Path:
     return resolved
 
 
+def agreed_base(pretrained: str, resume_tag_dir: Path | None, *, is_main: bool) -> dict:
+    """Collective (every rank, process groups up): the base reference a prompt-tuning run trains on. A fresh run
+    hashes model.pretrained; a resume takes the reference its checkpoint recorded, after checking the files still
+    hash to it. Rank 0 hashes; a refusal raises the same one sentence on every rank."""
+    from ofa_scale.parallel import collectives
+
+    base = failure = None
+    if is_main:
+        try:
+            if resume_tag_dir is not None and has_prompt_checkpoint(resume_tag_dir):
+                meta = read_meta(resume_tag_dir)
+                check_base(meta, Path(resume_tag_dir))
+                base = meta["base"]
+            else:
+                base = base_reference(pretrained)
+        except UserError as e:
+            failure = str(e)
+    base, failure = collectives.broadcast_object((base, failure), 0)
+    if failure is not None:
+        raise UserError(failure)
+    return base
+
+
 # ---- writing ----------------------------------------------------------------------------------------------------
 def prompt_dir(tag_dir: Path) -> Path:
     return Path(tag_dir) / PROMPT_DIR
@@ -88,14 +115,17 @@ def has_prompt_checkpoint(tag_dir: Path) -> bool:
 
 
 def write_prompt_checkpoint(tag_dir: Path, *, method: str, base: dict, model_config, step: int) -> Path:
-    """Rank 0, after the checkpoint's layout-free copy is on disk: copy the tuned tensors out of it."""
+    """Rank 0, after the checkpoint's layout-free copies are on disk: copy the tuned tensors out of the EMA copy
+    when the run keeps one (the weights validation scored, as OFA evaluates its EMA model), else the live ones."""
+    from ofa_scale.finetune.ema_store import EMA_DIR, has_ema_copy
     from ofa_scale.model.checkpoint import _atomic_save_safetensors
     from ofa_scale.model.prompt_tuning import trainable
     from ofa_scale.parallel.canonical_store import MODEL, CanonicalReader
     from ofa_scale.training.layout_resume import canonical_dir
     from ofa_scale.utils.io import atomic_write_json
 
-    weights = CanonicalReader(canonical_dir(tag_dir)).view(MODEL)
+    ema = has_ema_copy(tag_dir)
+    weights = CanonicalReader(Path(tag_dir) / EMA_DIR if ema else canonical_dir(tag_dir)).view(MODEL)
     tensors = {name: weights.read(name).float().contiguous() for name in sorted(weights.names())
                if trainable(name, method)}
     out = prompt_dir(tag_dir)
@@ -103,6 +133,7 @@ def write_prompt_checkpoint(tag_dir: Path, *, method: str, base: dict, model_con
     _atomic_save_safetensors(tensors, out / TENSORS_FILE, metadata={"format_version": str(FORMAT_VERSION)})
     atomic_write_json(out / META_FILE, {
         "format_version": FORMAT_VERSION, "kind": KIND, "method": method, "step": step, "base": base,
+        "weights": "ema" if ema else "model",
         "model_config": dataclasses.asdict(model_config), "tensors": len(tensors),
         "parameters": int(sum(t.numel() for t in tensors.values()))})
     return out
@@ -156,5 +187,6 @@ def load_prompt_eval_model(tag_dir: Path):
     meta = read_meta(tag_dir)
     return EvalModel(model, tokenizer, geometry,
                      {"checkpoint": str(tag_dir.resolve()), "kind": "prompt", "run": str(run_root.resolve()),
-                      "tag": tag_dir.name, "arch": meta["model_config"].get("arch"), "weights": "prompt",
+                      "tag": tag_dir.name, "arch": meta["model_config"].get("arch"),
+                      "weights": f"prompt ({meta.get('weights', 'model')})",
                       "method": meta["method"], "base": meta["base"]["path"]})

@@ -6,7 +6,8 @@
 
 kind: none (ordinary finetuning) | prefix (encoder and decoder prefix key/values) | adapter (bottleneck adapters,
 `adapter_dim`) | bitfit (LayerNorm and fc biases). Only those parameters train (finetune/freeze.py), and each
-checkpoint also holds them alone with a reference to the base model (finetune/prompt_checkpoint.py).
+checkpoint holds them alone (with their optimizer state and, with train.ema_decay, their EMA) plus a reference to
+the base model (finetune/prompt_checkpoint.py).
 """
 
 from __future__ import annotations
@@ -54,9 +55,6 @@ class PromptTuningSection:
                 raise ConfigError(f"model.prompt_tuning.dropout={self.dropout} must be in [0, 1)")
         if self.kind == "adapter" and self.adapter_dim < 1:
             raise ConfigError("model.prompt_tuning.adapter_dim must be >= 1 with kind=adapter")
-        if cfg.train.ema_decay:
-            raise ConfigError(f"train.ema_decay with {where} is not supported (the prompt checkpoint stores the "
-                              f"trained weights, not an average); set train.ema_decay to 0")
         if cfg.train.freeze_encoder_embedding or cfg.train.freeze_decoder_embedding or cfg.train.freeze_resnet:
             raise ConfigError(f"train.freeze_* with {where} is redundant (everything but the tuned parameters is "
                               f"frozen); remove them")

@@ -54,6 +54,9 @@ class ScstSettings:
     group: str = "vl"  # the batch group the finetuning workload fills
     pad: int = PAD
     bos: int = BOS
+    # image_gen (finetune/image_gen.py): the teacher-forced softmax over ids 0-3 and the code range only, as the
+    # samples were drawn (OFA's clip_scst_loss masks the logits outside its constraint range)
+    constraint_range: Optional[tuple[int, int]] = None
 
     @classmethod
     def from_task(cls, task_cfg, group: str = "vl") -> "ScstSettings":
@@ -140,7 +143,7 @@ def rollout(model: torch.nn.Module, inputs: dict, references: Sequence[Sequence[
     rows = [i for i, refs in enumerate(references) if refs]
     index = torch.tensor(rows, dtype=torch.long)
     gen_inputs = {k: inputs[k].index_select(0, index.to(inputs[k].device))
-                  for k in ("src_tokens", "patch_images", "patch_masks") if inputs.get(k) is not None}
+                  for k in ("src_tokens", "patch_images", "patch_masks", "code_masks") if inputs.get(k) is not None}
     with torch.no_grad(), full_vocabulary_logits(model):
         hyps: list[list[Hypothesis]] = generate(model, gen_inputs, settings.generation, lockstep=lockstep)
     seqs, owner, adv, scores = [], [], [], []
@@ -180,11 +183,11 @@ def teacher_forced_inputs(inputs: dict, ro: Rollout) -> dict:
     return out
 
 
-def scst_loss(token_loss, logits: torch.Tensor, ro: Rollout, denominator: float
-              ) -> tuple[torch.Tensor, TokenLosses]:
+def scst_loss(token_loss, logits: torch.Tensor, ro: Rollout, denominator: float,
+              constraint_range: Optional[tuple[int, int]] = None) -> tuple[torch.Tensor, TokenLosses]:
     """(Σ −log p(token)·advantage / denominator, the token losses) for one micro-batch's hypotheses."""
     device = logits.device
-    tl = token_loss(logits, ro.target.to(device), conf=ro.advantage.to(device))
+    tl = token_loss(logits, ro.target.to(device), conf=ro.advantage.to(device), constraint_range=constraint_range)
     return tl.nll.float().sum() / denominator, tl
 
 
@@ -236,7 +239,7 @@ def run_scst_step(engine, ctx, micro_batches: Sequence[dict[str, Any]], *, model
     for inp, ro, mb in zip(inputs, rollouts, micro_batches):
         tf = teacher_forced_inputs(inp, ro)
         logits = engine({group: tf})[group]
-        total, tl = scst_loss(token_loss, logits, ro, denominator)
+        total, tl = scst_loss(token_loss, logits, ro, denominator, settings.constraint_range)
         if acc is not None and ro.images:
             task_ids = mb[group]["task_ids"].index_select(0, ro.rows)
             record_group(acc, {"task_ids": task_ids, "src_tokens": tf["src_tokens"],

@@ -95,6 +95,8 @@ _REGISTRY = {
     "snli_ve": "ofa_scale.finetune.snli_ve:SNLIVETask",
     "ocr": "ofa_scale.finetune.ocr:OCRTask",
     "gigaword": "ofa_scale.finetune.gigaword:GigawordTask",
+    "image_gen": "ofa_scale.finetune.image_gen:ImageGenTask",
+    "imagenet": "ofa_scale.finetune.imagenet:ImageNetTask",
     # one class for the seven GLUE tasks (glue_cola, glue_sst2, …: the converter's format names)
     **{name: "ofa_scale.finetune.glue:GLUETask" for name in ("glue_cola", "glue_sst2", "glue_mrpc", "glue_qqp",
                                                               "glue_mnli", "glue_rte", "glue_qnli")},

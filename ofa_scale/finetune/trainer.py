@@ -50,7 +50,6 @@ class FinetuneTrainer(Trainer):
         self._shapes = None
         self.ema = self._build_ema()
         self.scst = self._build_scst()
-        self.prompt_base = self._prompt_base()
         self.scst_stats = None
         best = BestRecord.load(self.run.root, self.task.main_metric) if self.is_main else None
         self.best: Optional[BestRecord] = collectives.broadcast_object(best, 0)
@@ -80,33 +79,28 @@ class FinetuneTrainer(Trainer):
                                 f"{self.cfg.train.ema_decay}; resume with the run's original train.ema_decay")
         return ema
 
-    def _prompt_base(self):
-        """Prompt tuning: the base model's reference (path and content hash, taken before any update), which every
-        prompt checkpoint records (rank 0 hashes and writes them; finetune/prompt_checkpoint.py). A resume keeps the
-        base the run started from, and every rank stops if its files changed since."""
-        if not self.cfg.model.prompt_tuning.enabled:
-            return None
-        from ofa_scale.finetune.prompt_checkpoint import base_reference, check_base, has_prompt_checkpoint, read_meta
-        from ofa_scale.parallel import collectives
+    # ---- prompt tuning: trained-only checkpoints on a hash-checked base (finetune/prompt_checkpoint.py) --------
+    @property
+    def trained_only(self) -> bool:
+        """Prompt tuning: checkpoints hold the tuned parameters (and their Adam moments) alone; a resume rebuilds
+        the frozen base from the path the run recorded, after checking its hash (`load_pretrained`)."""
+        return self.cfg.model.prompt_tuning.enabled
 
-        base = failure = None
-        if self.is_main:
-            try:
-                if self.point is not None and has_prompt_checkpoint(self.point.tag_dir):
-                    meta = read_meta(self.point.tag_dir)
-                    check_base(meta, self.point.tag_dir)
-                    base = meta["base"]
-                else:
-                    base = base_reference(self.cfg.model.pretrained)
-            except UserError as e:
-                failure = str(e)
-        failure = collectives.broadcast_object(failure, 0)
-        if failure is not None:
-            raise UserError(failure)
+    def load_pretrained(self, model) -> None:
+        if not self.cfg.model.prompt_tuning.enabled:
+            return super().load_pretrained(model)
+        from ofa_scale.finetune.prompt_checkpoint import agreed_base
+        from ofa_scale.training.workload import load_pretrained_weights
+
+        self.prompt_base = agreed_base(self.cfg.model.pretrained, self.point.tag_dir if self.point else None,
+                                       is_main=self.is_main)
         if self.is_main:
             print(f"ofa-train: prompt tuning ({self.cfg.model.prompt_tuning.kind}) on the frozen base "
-                  f"{base['resolved']} (sha256 {base['sha256'][:16]}…)", flush=True)
-        return base
+                  f"{self.prompt_base['resolved']} (sha256 {self.prompt_base['sha256'][:16]}…)", flush=True)
+        # the exact files just hashed (a run given as model.pretrained may have moved its best checkpoint since)
+        load_pretrained_weights(model, self.prompt_base["resolved"], self.workload.model_config, self.ctx,
+                                seed=self.cfg.train.seed)
+    # ---- end prompt tuning
 
     def step(self, step: int) -> dict[str, Any]:
         record = super().step(step)
@@ -118,9 +112,14 @@ class FinetuneTrainer(Trainer):
         return record
 
     def _build_scst(self):
-        """(settings, reward) of caption stage 2's SCST step (task.criterion = scst), else None."""
+        """(settings, reward, decode) of the SCST step (task.criterion = scst), else None: caption stage 2's
+        CIDEr-D, or the task's own parts (image_gen: CLIP on decoded pictures)."""
         if self.cfg.task.criterion != "scst":
             return None
+        # ---- image_gen CLIP-SCST (finetune/image_gen.py): the task supplies settings, reward and decode
+        if hasattr(self.task, "scst_parts"):
+            return self.task.scst_parts(self.device)
+        # ---- end image_gen
         from ofa_scale.finetune.scst import CiderReward, ScstSettings
         from ofa_scale.parallel import collectives
 
@@ -140,7 +139,7 @@ class FinetuneTrainer(Trainer):
             df = collectives.broadcast_object(counted, 0)
             if isinstance(df, str):
                 raise UserError(df)
-        return settings, CiderReward(df)
+        return settings, CiderReward(df), self.task.decode_text
 
     def forward_backward(self, step: int, micro_batches: list, to_inputs, acc) -> None:
         if self.scst is None:
@@ -148,10 +147,10 @@ class FinetuneTrainer(Trainer):
         from ofa_scale.finetune.evaluate import lockstep_all_ranks
         from ofa_scale.finetune.scst import run_scst_step
 
-        settings, reward = self.scst
+        settings, reward, decode = self.scst
         self.scst_stats = run_scst_step(
             self.engine, self.ctx, micro_batches, model=self.engine.module.model, to_inputs=to_inputs,
-            settings=settings, reward=reward, decode=self.task.decode_text, acc=acc,
+            settings=settings, reward=reward, decode=decode, acc=acc,
             lockstep=lockstep_all_ranks if self.launch.world_size > 1 else None)
 
     def rank_state(self) -> dict[str, Any]:
@@ -168,7 +167,7 @@ class FinetuneTrainer(Trainer):
 
             if self._shapes is None:
                 self._shapes = full_shapes(self.workload.model_config)
-            write_ema_copy(self.ctx, self.ema, tag_dir, self._shapes, step)
+            write_ema_copy(self.ctx, self.ema, tag_dir, self._shapes, step, trained_only=self.trained_only)
         if self.cfg.model.prompt_tuning.enabled:  # the tuned parameters alone, from the layout-free copy
             from ofa_scale.finetune.prompt_checkpoint import write_prompt_checkpoint
             from ofa_scale.parallel import collectives
@@ -189,7 +188,8 @@ class FinetuneTrainer(Trainer):
 
         cfg = self.cfg
         items = self.valid_items or read_items(self.task, cfg.data.valid, limit=cfg.task.valid_limit,
-                                               dp_rank=self.ctx.dp_rank, dp_size=self.layout.dp)
+                                               dp_rank=self.ctx.dp_rank, dp_size=self.layout.dp,
+                                               fraction=cfg.task.valid_fraction)
         if sum(it.image.numel() for _, it in items[0]) <= VALID_CACHE_BYTES:
             self.valid_items = items  # decoded once, reused by every later validation
         model = self.engine.module.model  # the OFAModel inside GroupsForward (pp = 1 for finetuning)
@@ -199,6 +199,13 @@ class FinetuneTrainer(Trainer):
                               limit=cfg.task.valid_limit, dp_rank=self.ctx.dp_rank, dp_size=self.layout.dp,
                               dp_group=self.ctx.dp_group, lockstep=self.launch.world_size > 1,
                               items=items)
+        # ---- image_gen: the validation pictures and their contact sheet, logged to mlflow (finetune/image_gen.py)
+        if self.is_main and hasattr(self.task, "write_artifacts"):
+            folder = self.run.root / "valid_images" / tag_for(step)
+            for path in self.task.write_artifacts(folder, result.predictions, result.items):
+                if self.tracker is not None:
+                    self.tracker.log_artifact(path, path.parent.relative_to(self.run.root).as_posix())
+        # ---- end image_gen
         metric = self.task.main_metric  # one of task.metrics (checked by the workload)
         value = result.metrics[metric]
         moved = False

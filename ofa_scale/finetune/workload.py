@@ -110,6 +110,22 @@ class FinetuneWorkload(OFAPretraining):
                             decode_min_size={self.source: cfg.task.image_size, **cfg.data.decode_min_size},
                             on_corrupt=cfg.data.on_corrupt, verify_shards=cfg.data.verify_shards)
 
+    def input_builder(self, step: int, dp_rank: int, dp_size: int, device, dtype):
+        """The pretraining input builder; a task with its own image normalisation (imagenet: ImageNet mean/std
+        instead of OFA's 0.5/0.5) normalises the batch's uint8 images itself."""
+        build = super().input_builder(step, dp_rank, dp_size, device, dtype)
+        normalise = getattr(self.task, "normalise_images", None)
+        if normalise is None:
+            return build
+
+        def build_with_task_images(group: str, batch: dict, m: int) -> dict:
+            inputs = build(group, batch, m)
+            inputs["patch_images"] = normalise(batch["patch_images"].to(device, non_blocking=True),
+                                               inputs["patch_masks"], dtype)
+            return inputs
+
+        return build_with_task_images
+
     def build_loader(self, dp_rank: int, dp_size: int):
         from ofa_scale.data.loader import ShardLoader
         from ofa_scale.objectives.batching import Collator

@@ -87,6 +87,8 @@ _FAIRSEQ_FIELDS = {
     "decoder_drop_path_rate": "decoder_drop_path_rate",
     "resnet_drop_path_rate": "resnet_drop_path_rate",
 }
+# OFA-OCR's `--resnet-type` value for its ViT-B/16 stem (spec-ext §10.2.4)
+VIT_RESNET_TYPE = "ViT-B/16"
 # OFA options our model does not implement: (value that is unsupported, why).
 _UNSUPPORTED_OPTIONS = {
     "disable_entangle": (False, "the decoder would add text positions to its inputs (entangled positions)"),
@@ -139,9 +141,12 @@ def config_from_fairseq_args(model_args: Any) -> OFAConfig:
                             f"ofa-scale needs equal encoder and decoder sizes")
         seen[field] = (fs_name, value)
         fields[field] = value
+    if fields["resnet"] == VIT_RESNET_TYPE:  # OFA-OCR's ViT stem (spec-ext §10.2.4); `resnet` then unused
+        fields["image_stem"], fields["resnet"] = "vit_b16", OFAConfig.preset(base).resnet
     if fields["resnet"] not in RESNET_BLOCKS:
         raise UserError(f"checkpoint uses resnet_type={fields['resnet']!r}; ofa-scale supports "
                         f"{', '.join(RESNET_BLOCKS)}")
+    fields.update(_prompt_fields_from_args(model_args))
     try:
         cfg = from_dict(OFAConfig, fields)
         cfg.validate()
@@ -164,14 +169,17 @@ def config_from_shapes(state: Mapping[str, torch.Tensor]) -> OFAConfig:
         return 1 + max((int(m.group(1)) for k in state if (m := pat.match(k))), default=-1)
 
     vocab, d = shape(EMBEDDING_KEY)
+    vit = "encoder.embed_images.transformer.resblocks.0.attn.in_proj_weight" in state
     layer3 = count("encoder.embed_images.layer3.")
-    resnet = next((name for name, blocks in RESNET_BLOCKS.items() if blocks[2] == layer3), None)
+    resnet = OFAConfig.resnet if vit else next(
+        (name for name, blocks in RESNET_BLOCKS.items() if blocks[2] == layer3), None)
     if resnet is None:
         raise UserError(f"cannot infer the ResNet depth from {layer3} layer3 blocks; pass --set resnet=...")
     fields = dict(
         d_model=d, vocab_size=vocab, ffn_dim=shape("encoder.layers.0.fc1.weight")[0],
         heads=shape("encoder.token_rel_pos_table_list.0.weight")[1],
         encoder_layers=count("encoder.layers."), decoder_layers=count("decoder.layers."), resnet=resnet,
+        image_stem="vit_b16" if vit else "resnet",
         max_source_positions=shape("encoder.embed_positions.weight")[0] - 2,
         max_target_positions=shape("decoder.embed_positions.weight")[0] - 2,
         token_bucket_size=(shape("encoder.token_rel_pos_table_list.0.weight")[0] + 1) // 2,
@@ -182,7 +190,7 @@ def config_from_shapes(state: Mapping[str, torch.Tensor]) -> OFAConfig:
     )
     arch = next((name for name, preset in PRESETS.items()
                  if all(fields[k] == v for k, v in preset.items())), "custom")
-    return OFAConfig(arch=arch, **fields)
+    return OFAConfig(arch=arch, **fields, **_prompt_fields_from_shapes(state))
 
 
 def _apply_config_overrides(cfg: OFAConfig, overrides: Mapping[str, Any] | list[str] | None) -> OFAConfig:
@@ -384,6 +392,7 @@ def read_fairseq_checkpoint(
     for v in state.values():
         if isinstance(v, torch.Tensor):
             dtypes[str(v.dtype).replace("torch.", "")] += 1
+    state = split_ofa_prompt_tables(state, config, source=str(path))
     weights = convert_state_dict(state, _expected_for(config), source=str(path), seed=seed,
                                  truncate_vocab=truncate_vocab)
     return config, weights, ImportReport(config, dict(dtypes), origin, use_ema, checkpoint_tokenizer_kind(ckpt))
@@ -414,6 +423,80 @@ def check_tokenizer_rows(config: OFAConfig, kind: str, path: str | Path, source:
                         f"{size} ids; pass the tokenizer this checkpoint was trained with (OFA-CN: --tokenizer-kind "
                         f"bert with the directory of OFA's utils/BERT_CN_dict/vocab.txt)")
     return size
+
+
+# ---- OFA's prompt-tuned checkpoints (issue 13 §3, spec §10.3) --------------------------------------------------
+# A prompt-tuned OFA .pt is a whole model: the base's tensors plus, for prefix tuning, one
+# `{side}.{side}_prompt_encoder.embedding.weight` [L_p, 2·layers·d] per side (our per-layer key/value tables in
+# OFA's layout, model/prompt_tuning.py), and for adapters `{side}.layers.{i}.adapter.{down,up}_proj.*` (the same
+# names as ours). The run's args say which (`--encoder-prompt`, `--adapter`, ...); BitFit adds no tensor.
+OFA_PROMPT_TABLE = "{side}.{side}_prompt_encoder.embedding.weight"
+_OFA_PROMPT_PROJECTION = re.compile(r"^(encoder|decoder)\.\1_prompt_encoder\.trans\.")
+_SIDES = ("encoder", "decoder")
+
+
+def _prompt_fields_from_args(model_args: Any) -> dict[str, int]:
+    """OFAConfig's prompt-tuning fields from OFA's --{encoder,decoder}-prompt* and --adapter* options."""
+    fields = {}
+    for side in _SIDES:
+        on = bool(_get(model_args, f"{side}_prompt", False))
+        if on and _get(model_args, f"{side}_prompt_projection", False):
+            raise UserError(f"checkpoint was prompt-tuned with --{side}-prompt-projection (OFA's reparameterisation "
+                            f"MLP), which ofa-scale does not implement; no OFA script uses it")
+        if on and str(_get(model_args, f"{side}_prompt_type", "prefix")) != "prefix":
+            raise UserError(f"checkpoint uses --{side}-prompt-type={_get(model_args, f'{side}_prompt_type')}; only "
+                            f"OFA's prefix prompts can be imported")
+        fields[f"{side}_prompt_length"] = int(_get(model_args, f"{side}_prompt_length", 100)) if on else 0
+    fields["adapter_dim"] = int(_get(model_args, "adapter_dim", 200)) if _get(model_args, "adapter", False) else 0
+    return fields
+
+
+def _prompt_fields_from_shapes(state: Mapping[str, torch.Tensor]) -> dict[str, int]:
+    """The same fields from the tensors alone (checkpoints without args)."""
+    fields = {}
+    for side in _SIDES:
+        table = state.get(OFA_PROMPT_TABLE.format(side=side))
+        fields[f"{side}_prompt_length"] = int(table.shape[0]) if table is not None else 0
+    down = state.get("encoder.layers.0.adapter.down_proj.weight")
+    fields["adapter_dim"] = int(down.shape[0]) if down is not None else 0
+    return fields
+
+
+def split_ofa_prompt_tables(state: Mapping[str, torch.Tensor], config: OFAConfig, *,
+                            source: str) -> dict[str, torch.Tensor]:
+    """`state` with OFA's per-side prefix tables replaced by our per-layer key/value tables (each side the config
+    prompts; a table the config does not expect is left for convert_state_dict to report as unknown)."""
+    from ofa_scale.model.prompt_tuning import from_ofa_prefix_layout
+
+    projection = sorted(k for k in state if _OFA_PROMPT_PROJECTION.match(k))
+    if projection:
+        raise UserError(f"{source} holds OFA's prompt reparameterisation MLP ({_describe_keys(projection)}), which "
+                        f"ofa-scale does not implement")
+    out = dict(state)
+    for side in _SIDES:
+        key, length = OFA_PROMPT_TABLE.format(side=side), getattr(config, f"{side}_prompt_length")
+        if key not in out or not length:
+            continue
+        layers = getattr(config, f"{side}_layers")
+        table = out.pop(key)
+        need = (length, 2 * layers * config.d_model)
+        if tuple(table.shape) != need:
+            raise UserError(f"{source}: '{key}' has shape {tuple(table.shape)} but {layers} {side} layers of width "
+                            f"{config.d_model} with prompt length {length} need {need}")
+        out.update(from_ofa_prefix_layout(table, side, layers))
+    return out
+
+
+def recorded_tokenizer_kind(path: str | Path) -> str | None:
+    """The tokenizer kind an `ofa-convert import-ofa` model directory recorded (`extra.tokenizer_kind`: "bert" for
+    OFA-CN), or None when `path` is not a model directory or recorded none."""
+    cfg_path = Path(path) / CONFIG_FILE
+    try:
+        meta = json.loads(cfg_path.read_text())
+    except (OSError, ValueError):
+        return None
+    kind = (meta.get("extra") or {}).get("tokenizer_kind") if isinstance(meta, dict) else None
+    return kind if isinstance(kind, str) else None
 
 
 def import_fairseq_checkpoint(path: str | Path, **kwargs):
@@ -558,8 +641,10 @@ def run(args: argparse.Namespace) -> int:
         "imported_from": str(Path(args.checkpoint).resolve()), "config_source": report.config_source,
         "source_dtypes": report.source_dtypes, "ema": report.used_ema, "tokenizer_kind": kind})
     n_params = sum(p.numel() for p in model.parameters())
+    prompt = "".join(f" {name}={getattr(config, name)}" for name in ("encoder_prompt_length", "decoder_prompt_length",
+                                                                     "adapter_dim") if getattr(config, name))
     print(f"imported {args.checkpoint}: arch={config.arch} d_model={config.d_model} layers="
-          f"{config.encoder_layers}/{config.decoder_layers} vocab={config.vocab_size} params={n_params:,} "
+          f"{config.encoder_layers}/{config.decoder_layers}{prompt} vocab={config.vocab_size} params={n_params:,} "
           f"(config from {report.config_source}; source dtypes {report.source_dtypes}; tokenizer {kind}) -> {out} "
           f"in {time.perf_counter() - t0:.1f}s")
     return 0

@@ -21,6 +21,10 @@ RESNET_BLOCKS: dict[str, tuple[int, int, int]] = {
 }
 
 ResNetName = Literal["resnet50", "resnet101", "resnet152"]
+# image stems (spec §4.2 ResNet; spec-ext §10.2.4 OFA-OCR's ViT-B/16, whose features have 768 channels)
+ImageStem = Literal["resnet", "vit_b16"]
+IMAGE_STEMS = ("resnet", "vit_b16")
+VIT_B16_CHANNELS = 768
 AttentionImpl = Literal["math", "sdpa"]
 
 
@@ -37,7 +41,8 @@ class OFAConfig:
     vocab_size: int = 59457
     pad_token_id: int = 1
     # image stem
-    resnet: ResNetName = "resnet101"
+    image_stem: ImageStem = "resnet"  # "vit_b16": OFA-OCR's ViT stem replaces the ResNet (model/vit_stem.py)
+    resnet: ResNetName = "resnet101"  # depth when image_stem is "resnet"
     resnet_out_channels: int = 1024  # layer3 of a Bottleneck ResNet, stride 16
     # positions
     max_source_positions: int = 1024
@@ -67,6 +72,9 @@ class OFAConfig:
     decoder_prompt_length: int = 0  # ... in every decoder self-attention (cross-attention never gets one)
     prompt_dropout: float = 0.2  # on the prefix key/values (OFA hard-codes 0.2)
     adapter_dim: int = 0  # bottleneck adapter after every layer's FFN, of this width
+    # MuE (spec-ext §10.7; model/mue_encoder.py): image and text run through the encoder layers as separate streams,
+    # and finetuning sums the loss over every decoder layer (objectives/mue_loss.py). No parameters: OFA's state dict.
+    mue: bool = False
 
     @property
     def head_dim(self) -> int:
@@ -75,6 +83,11 @@ class OFAConfig:
     @property
     def resnet_blocks(self) -> tuple[int, int, int]:
         return RESNET_BLOCKS[self.resnet]
+
+    @property
+    def image_channels(self) -> int:
+        """Channels of the stem's feature map, i.e. image_proj's input width."""
+        return VIT_B16_CHANNELS if self.image_stem == "vit_b16" else self.resnet_out_channels
 
     @property
     def code_grid_size(self) -> int:
@@ -95,6 +108,8 @@ class OFAConfig:
     def validate(self) -> None:
         if self.d_model % self.heads:
             raise ConfigError(f"model.d_model={self.d_model} must be divisible by model.heads={self.heads}")
+        if self.image_stem not in IMAGE_STEMS:
+            raise ConfigError(f"model.image_stem={self.image_stem!r} must be one of {', '.join(IMAGE_STEMS)}")
         if self.resnet not in RESNET_BLOCKS:
             raise ConfigError(f"model.resnet={self.resnet!r} must be one of {', '.join(RESNET_BLOCKS)}")
         if self.attention_impl not in ("math", "sdpa"):

@@ -215,7 +215,10 @@ class OFADecoder(nn.Module):
         code_masks: torch.Tensor | None = None,
         incremental_state: dict | None = None,
         full_context_alignment: bool = False,
-    ) -> torch.Tensor:
+        all_layers: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        """Logits (B, T, V_local); with `all_layers` (MuE training, objectives/mue_loss.py) one logits tensor per
+        layer, output_projection(layer_norm(h_l)), the last being the usual output."""
         start = 0
         if incremental_state is not None:
             start = int(incremental_state.get(STEPS_KEY, 0))
@@ -225,7 +228,11 @@ class OFADecoder(nn.Module):
         x, self_pad, pos = self.embed(prev_output_tokens, code_masks, start)
         cross = self.cross_bias(pos, encoder_out.position_embeddings, incremental_state)
         causal_offset = None if full_context_alignment else start
-        # --- MuE early exit (model/early_exit.py): per-sample exits that keep the KV cache whole; None = unchanged
+        # --- MuE (spec ext §10.7): early exit per sample keeping the KV cache whole (model/early_exit.py); or
+        # every layer's output kept for the all-layer training loss; neither = unchanged
+        if all_layers and (self.early_exit is not None or incremental_state is not None):
+            raise ValueError("all_layers is MuE's training output: a full teacher-forced pass without exits")
+        states = [] if all_layers else None
         if self.early_exit is not None:
             x = early_exit.run_decoder_layers(self, x, self_pad, pos, encoder_out, cross, causal_offset,
                                               incremental_state, self.early_exit)
@@ -235,8 +242,12 @@ class OFADecoder(nn.Module):
                                                                                             {})
                 x = layer(x, self_pad, self.self_bias(i, pos), encoder_out.states, encoder_out.padding_mask, cross,
                           causal_offset=causal_offset, cache=cache)
+                if states is not None:
+                    states.append(x)
         if incremental_state is not None:
             incremental_state[STEPS_KEY] = prev_output_tokens.shape[1]
+        if states is not None:
+            return tuple(self.project(h) for h in states)
         return self.project(x)
 
     @staticmethod

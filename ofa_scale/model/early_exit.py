@@ -8,7 +8,10 @@ MuE evaluates with batch size 1, so a group is one sample — in beam search its
 sample decides on its own rows only (pad positions left out, as a batch-1 run has none), so a batch gives the
 results of running its samples one at a time. Rows still running go through the next layer as a sub-batch.
 
-Thresholds: `encoder` (MuE's txt_thres / img_thres; see below) and `decoder`. In incremental decoding MuE
+Thresholds (MuE's evaluate.py flags): `image` (--img_thres) and `text` (--txt_thres) for the two streams of
+MuE's modality-decomposed encoder (model/mue_encoder.py, on with `model.mue`), each stream exiting on its own
+tensor; a joint (ordinary OFA) encoder has one stream and takes the one threshold `encoder=` sets for both.
+`decoder` (--decoder_thres): in incremental decoding MuE
 schedules the decoder threshold per step t with max_len the generation limit: no exit while t < (max_len+1)/3,
 then τ_t = 0.9·decoder + 0.1·exp(−(t+1)/(max_len+1)) (`schedule=False` turns it off). A full teacher-forced
 decoder pass (no KV cache) uses the fixed threshold, as MuE's all-candidate scoring does, each row deciding alone.
@@ -25,81 +28,98 @@ shared by a batch of beams. Two fills, `kv_fill`:
   h_l, as if h_l had been its input.
 Cross-attention keys/values depend only on the encoder output: a layer that first runs late computes its own.
 
-Left out: MuE's modality-decomposed encoder (text and image streams run through the layers separately, each with
-its own threshold, which needs a model trained that way with `--train_mue` and the all-layer loss). Here the
-encoder runs OFA's joint stream and exits once for both modalities with `encoder`. The fast all-candidate scorer
-(model/candidates.py) runs its own layer loop without exits; its encoder pass exits.
+The fast all-candidate scorer (model/candidates.py) runs its own decoder layer loop without exits; with a
+decoder threshold below 1 `score_candidates` takes OFA's naive path instead (the decoder's forward, rows deciding
+alone), so SNLI-VE's all-candidate evaluation exits as MuE's does.
 
 Inference only, with every rank holding the whole model (`ofa-eval run`, `ofa-predict`): samples run different
 numbers of layers, so under ZeRO-3, tensor parallelism across different data or a pipeline (where every forward is
-a collective) ranks would stop matching; training and the trainer's validation never enable it.
+a collective) ranks would stop matching; training and the trainer's validation never enable it (MuE validates with
+`is_train=True`, i.e. no exits), and `enable` refuses ZeRO-3-partitioned weights and anything that is not a whole
+OFAModel (a pipeline stage).
 
-Usage: `enable(model, EarlyExitConfig.parse("0.95"))` (or "encoder=0.99,decoder=0.9"); `model/generate.generate` and
-the tasks' `predict` then exit, and `cfg.stats.summary()` says how many layers ran. `enable(model, None)` restores the
+Usage: `enable(model, EarlyExitConfig.parse("0.95"))` (or "img=0.99,txt=0.7,decoder=0.9" on a decomposed encoder,
+"encoder=0.99,decoder=0.9"); `model/generate.generate` and the tasks' `predict` then exit, and
+`cfg.stats.summary()` says how many layers ran. `enable(model, None)` restores the
 full model (the hooks in encoder.py / decoder.py then run their original loops).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
+from typing import Callable, Optional
 
 import torch
 
-from ofa_scale.errors import ConfigError
+from ofa_scale.errors import ConfigError, UserError
 
 GROUPS_KEY = "early_exit.groups"  # (N,) decision group (sample) of each decoder row; reordered with the cache
 MAX_LEN_KEY = "early_exit.max_len"  # generation limit, for the decoder schedule
 KV_FILLS = ("copy", "hidden")
 
 
+# what the stats count: the joint encoder per sample, the decomposed encoder's image / text stream per sample, the
+# decoder per row-step (a beam row at one step)
+PARTS = ("encoder", "image", "text", "decoder")
+
+
 @dataclass
 class ExitStats:
-    """Layers run, summed over encoder samples and over decoder row-steps (a beam row at one step)."""
+    """Layers run per part (PARTS), summed over its units (samples; decoder: row-steps), and the stack depth."""
 
-    encoder_layers: int = 0
-    encoder_samples: int = 0
-    encoder_depth: int = 0
-    decoder_layers: int = 0
-    decoder_row_steps: int = 0
-    decoder_depth: int = 0
+    layers: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PARTS, 0))
+    units: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PARTS, 0))
+    depth: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PARTS, 0))
 
     def add(self, part: str, layers_run: torch.Tensor, depth: int) -> None:
-        setattr(self, f"{part}_layers", getattr(self, f"{part}_layers") + int(layers_run.sum()))
-        count = "encoder_samples" if part == "encoder" else "decoder_row_steps"
-        setattr(self, count, getattr(self, count) + layers_run.numel())
-        setattr(self, f"{part}_depth", depth)
+        self.layers[part] += int(layers_run.sum())
+        self.units[part] += layers_run.numel()
+        self.depth[part] = depth
 
     def summary(self) -> dict[str, float]:
-        """Mean layers run per encoder sample / decoder row-step, and as a fraction of the stack."""
+        """Mean layers run per unit of each part that ran, and as a fraction of the stack."""
         out: dict[str, float] = {}
-        for part, count in (("encoder", self.encoder_samples), ("decoder", self.decoder_row_steps)):
-            if count:
-                mean = getattr(self, f"{part}_layers") / count
+        for part in PARTS:
+            if self.units[part]:
+                mean = self.layers[part] / self.units[part]
                 out[f"{part}_layers_mean"] = round(mean, 4)
-                out[f"{part}_layers_fraction"] = round(mean / getattr(self, f"{part}_depth"), 4)
+                out[f"{part}_layers_fraction"] = round(mean / self.depth[part], 4)
         return out
 
     def summed_over_ranks(self) -> "ExitStats":
         """These counts summed over the data-parallel ranks (one all-reduce; every rank must call it)."""
         from ofa_scale.parallel import collectives
 
-        counts = ("encoder_layers", "encoder_samples", "decoder_layers", "decoder_row_steps")
-        totals = collectives.reduce_sum_list([getattr(self, c) for c in counts])
-        return ExitStats(**{c: int(v) for c, v in zip(counts, totals)}, encoder_depth=self.encoder_depth,
-                         decoder_depth=self.decoder_depth)
+        totals = collectives.reduce_sum_list([self.layers[p] for p in PARTS] + [self.units[p] for p in PARTS])
+        k = len(PARTS)
+        return ExitStats(layers={p: int(v) for p, v in zip(PARTS, totals[:k])},
+                         units={p: int(v) for p, v in zip(PARTS, totals[k:])}, depth=dict(self.depth))
+
+
+THRESHOLDS = ("image", "text", "decoder")
+_KEYS = {"img": ("image",), "txt": ("text",), "encoder": ("image", "text"), "decoder": ("decoder",)}
 
 
 @dataclass
 class EarlyExitConfig:
-    encoder: float = 1.0
+    """`image` / `text`: the decomposed encoder's streams (MuE img_thres / txt_thres); `encoder=` at construction
+    sets both (the joint encoder's one threshold); `decoder`: decoder_thres. 1.0 = never exit."""
+
+    image: float = 1.0
+    text: float = 1.0
     decoder: float = 1.0
     schedule: bool = True
     kv_fill: str = "copy"
     stats: ExitStats = field(default_factory=ExitStats)
+    encoder: InitVar[Optional[float]] = None
+
+    def __post_init__(self, encoder: Optional[float]) -> None:
+        if encoder is not None:
+            self.image = self.text = encoder
 
     def validate(self) -> None:
-        for name in ("encoder", "decoder"):
+        for name in THRESHOLDS:
             value = getattr(self, name)
             if not -1.0 <= value <= 1.0 or math.isnan(value):
                 raise ConfigError(f"early-exit {name} threshold {value} must be a cosine in [-1, 1] "
@@ -109,17 +129,18 @@ class EarlyExitConfig:
 
     @classmethod
     def parse(cls, text: str) -> "EarlyExitConfig":
-        """"0.95" (both stacks) or comma-separated keys: encoder=, decoder=, schedule=on|off, kv_fill=copy|hidden."""
+        """"0.95" (every threshold) or comma-separated keys: img=, txt=, encoder= (img and txt), decoder=,
+        schedule=on|off, kv_fill=copy|hidden."""
         fields: dict[str, object] = {}
         try:
             if "=" not in text:
-                fields["encoder"] = fields["decoder"] = float(text)
+                fields.update(dict.fromkeys(THRESHOLDS, float(text)))
             else:
                 for part in text.split(","):
                     key, _, value = part.partition("=")
                     key, value = key.strip(), value.strip()
-                    if key in ("encoder", "decoder"):
-                        fields[key] = float(value)
+                    if key in _KEYS:
+                        fields.update(dict.fromkeys(_KEYS[key], float(value)))
                     elif key == "schedule" and value in ("on", "off"):
                         fields[key] = value == "on"
                     elif key == "kv_fill":
@@ -128,20 +149,34 @@ class EarlyExitConfig:
                         raise ValueError(part)
         except ValueError:
             raise ConfigError(f"--early-exit {text!r}: give a threshold (e.g. 0.95) or keys like "
-                              "encoder=0.99,decoder=0.9,schedule=on|off,kv_fill=copy|hidden") from None
+                              "img=0.99,txt=0.7,decoder=0.9 (encoder= sets img and txt),schedule=on|off,"
+                              "kv_fill=copy|hidden") from None
         cfg = cls(**fields)
         cfg.validate()
         return cfg
 
     def describe(self) -> dict[str, object]:
-        return {"encoder": self.encoder, "decoder": self.decoder, "schedule": self.schedule,
+        return {"image": self.image, "text": self.text, "decoder": self.decoder, "schedule": self.schedule,
                 "kv_fill": self.kv_fill}
 
 
 def enable(model, cfg: EarlyExitConfig | None) -> None:
-    """Switch early exit on (cfg) or off (None) for `model`'s encoder and decoder."""
+    """Switch early exit on (cfg) or off (None) for `model`'s encoder and decoder. Refused where ranks could run
+    different layers inside collectives (ZeRO-3 partitioned weights, a pipeline stage) and for separate image /
+    text thresholds on a joint encoder."""
     if cfg is not None:
         cfg.validate()
+        if not (hasattr(model, "encoder") and hasattr(model, "decoder")):
+            raise UserError("MuE early exit needs the whole OFAModel on every rank (not a pipeline stage); "
+                            "evaluate with ofa-eval run or ofa-predict")
+        if any(hasattr(p, "ds_id") for p in model.parameters()):  # DeepSpeed ZeRO-3 marks its partitioned params
+            raise UserError("MuE early exit cannot run on ZeRO-3 partitioned weights: samples that exit at "
+                            "different layers would desynchronise the ranks' parameter gathers; evaluate the "
+                            "checkpoint with ofa-eval run, which holds the whole model per rank")
+        if cfg.image != cfg.text and not getattr(model.encoder.cfg, "mue", False):
+            raise ConfigError(f"separate image/text exit thresholds (img={cfg.image}, txt={cfg.text}) need MuE's "
+                              f"modality-decomposed encoder (model.overrides.mue: true); this model's encoder is "
+                              f"joint, so give one threshold with encoder=")
     model.encoder.early_exit = cfg
     model.decoder.early_exit = cfg
 
@@ -190,30 +225,48 @@ def _pick(t: torch.Tensor | None, idx: torch.Tensor | None) -> torch.Tensor | No
 
 
 # ------------------------------------------------------------------------------------------- encoder
-def run_encoder_layers(encoder, x: torch.Tensor, padding_mask: torch.Tensor, layer_mask: torch.Tensor | None,
-                       pos, cfg: EarlyExitConfig) -> torch.Tensor:
-    """The encoder's layer loop with per-sample exits -> the last layer output of each sample (B, L, D)."""
+def run_stack(layers, x: torch.Tensor, keep: torch.Tensor, layer_mask: torch.Tensor | None,
+              bias_of: Callable[[int], torch.Tensor], threshold: float, stats: ExitStats | None, part: str
+              ) -> torch.Tensor:
+    """An encoder layer stack (or one stream of it) with per-sample exits at `threshold` -> each sample's last
+    layer output (B, L, D). `keep` (B, L) bool: the tokens the cosine sees (not padding); `bias_of(i)`: layer
+    i's attention bias (B, H, L, L). A threshold >= 1 is the plain loop (no host sync per layer)."""
     n = x.shape[0]
+    if threshold >= 1.0:
+        for i, layer in enumerate(layers):
+            x = layer(x, layer_mask, bias_of(i))
+        if stats is not None:
+            stats.add(part, torch.full((n,), len(layers)), len(layers))
+        return x
     groups = torch.arange(n, device=x.device)
-    keep = ~padding_mask
-    active = torch.ones(n, dtype=torch.bool, device=x.device)
+    # a sample with nothing in this stream (no image: the image stream is all padding) has nothing to compute
+    has_tokens = keep.any(1)
+    active = has_tokens.clone()
     layers_run = torch.zeros(n, dtype=torch.long, device=x.device)
-    for i, layer in enumerate(encoder.layers):
+    for i, layer in enumerate(layers):
+        if not bool(active.any()):
+            break
         idx = None if bool(active.all()) else active.nonzero().flatten()
         old = _pick(x, idx)
-        new = layer(old, _pick(layer_mask, idx), _pick(encoder.layer_bias(i, pos), idx))
+        new = layer(old, _pick(layer_mask, idx), _pick(bias_of(i), idx))
         x = new if idx is None else x.index_copy(0, idx, new)
         layers_run += active.long()
-        if cfg.encoder < 1.0 and i + 1 < len(encoder.layers):  # after the last layer there is nothing to skip
-            exited = group_cosine(new, old, groups[:new.shape[0]], _pick(keep, idx)) > cfg.encoder
+        if i + 1 < len(layers):  # after the last layer there is nothing to skip
+            exited = group_cosine(new, old, groups[:new.shape[0]], _pick(keep, idx)) > threshold
             if idx is None:
                 active &= ~exited
             else:
                 active[idx] = ~exited
-            if not bool(active.any()):
-                break
-    cfg.stats.add("encoder", layers_run, len(encoder.layers))
+    if stats is not None:
+        stats.add(part, layers_run[has_tokens], len(layers))
     return x
+
+
+def run_encoder_layers(encoder, x: torch.Tensor, padding_mask: torch.Tensor, layer_mask: torch.Tensor | None,
+                       pos, cfg: EarlyExitConfig) -> torch.Tensor:
+    """The joint encoder's layer loop with per-sample exits (one threshold: `enable` checked image == text)."""
+    return run_stack(encoder.layers, x, ~padding_mask, layer_mask, lambda i: encoder.layer_bias(i, pos), cfg.text,
+                     cfg.stats, "encoder")
 
 
 # ------------------------------------------------------------------------------------------- decoder

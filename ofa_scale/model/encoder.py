@@ -32,13 +32,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from ofa_scale.errors import UserError
-from ofa_scale.model import early_exit, positions
+from ofa_scale.model import early_exit, mue_encoder, positions
 from ofa_scale.model.blocks import EncoderLayer
 from ofa_scale.model.config import OFAConfig
+from ofa_scale.model.image_stem import build_image_stem
 from ofa_scale.model.kernels import make_layer_norm
 from ofa_scale.model.layers import LayerFactory
 from ofa_scale.model.resnet import linspace_rates
-from ofa_scale.model.resnet import ResNetStem
 
 
 @dataclass
@@ -115,8 +115,10 @@ class OFAEncoder(nn.Module):
         self.embed_tokens = embed_tokens
         self.layernorm_embedding = make_layer_norm(d, eps)
         self.type_embedding = nn.Embedding(2, d)
-        self.embed_images = ResNetStem(cfg.resnet_blocks, cfg.resnet_drop_path_rate)
-        self.image_proj = layers.linear(cfg.resnet_out_channels, d, True)
+        # --- image stem (model.image_stem: resnet | vit_b16; model/image_stem.py) ---
+        self.embed_images = build_image_stem(cfg)
+        self.image_proj = layers.linear(cfg.image_channels, d, True)
+        # --- end image stem ---
         self.patch_layernorm_embedding = make_layer_norm(d, eps)
         self.embed_positions = nn.Embedding(cfg.max_source_positions + 2, d)
         self.embed_image_positions = nn.Embedding(cfg.num_image_positions, d)
@@ -241,8 +243,11 @@ class OFAEncoder(nn.Module):
         x, padding_mask, pos = self.embed(src_tokens, patch_images, patch_masks, sample_patch_num, generator)
         # like OFA, skip the key mask when nothing is padded (saves a masked copy of the bias per layer)
         layer_mask = padding_mask if bool(padding_mask.any()) else None
-        # --- MuE early exit (model/early_exit.py): with a config the loop stops per sample; None = unchanged
-        if self.early_exit is not None:
+        # --- MuE (spec ext §10.7): model.mue runs the image and text streams apart (model/mue_encoder.py); an
+        # early-exit config stops the loop per sample (model/early_exit.py); neither = unchanged
+        if self.cfg.mue:
+            x = mue_encoder.run_decomposed_layers(self, x, padding_mask, pos, self.early_exit)
+        elif self.early_exit is not None:
             x = early_exit.run_encoder_layers(self, x, padding_mask, layer_mask, pos, self.early_exit)
         else:
             for i, layer in enumerate(self.layers):

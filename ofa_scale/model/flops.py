@@ -7,7 +7,9 @@ backward taken as 2× the forward (weight and input gradients), i.e. step = 3 ×
 Forward terms, per sample (d = d_model, f = ffn_dim, V = vocab, n = image tokens, S = source tokens,
 L = n + S encoder tokens, T = target tokens):
 * ResNet stem: every conv of the truncated ResNet, 2·Cin·Cout·k²·Hout·Wout (exact output sizes).
-* image_proj: 2·n·1024·d.
+  Or the ViT-B/16 stem (`image_stem: vit_b16`, w = 768, n patches): patch conv 2·n·3·16²·w, per block
+  q/k/v/out 8·n·w², MLP 16·n·w², scores and weighted sum 4·n²·w.
+* image_proj: 2·n·C·d (C = 1024 for the ResNet, 768 for the ViT).
 * Encoder, per layer: q/k/v/out 8·L·d², FFN 4·L·d·f, scores and weighted sum 4·L²·d.
   Plus once: the absolute-position bias pos_q/pos_k 4·L·d² and its product 2·L²·d.
 * Decoder, per layer: self q/k/v/out 8·T·d², self attention 4·T²·d, cross q/out 4·T·d², cross k/v 4·L·d²,
@@ -53,6 +55,21 @@ def resnet_forward_flops(cfg: OFAConfig, height: int, width: int) -> tuple[int, 
     return flops, h, w
 
 
+def vit_forward_flops(height: int, width: int, channels: int = 768, layers: int = 9,
+                      patch: int = 16) -> tuple[int, int, int]:
+    """-> (FLOPs of the ViT stem for one image, output grid height, output grid width)."""
+    gh, gw = height // patch, width // patch
+    n, w = gh * gw, channels
+    return 2 * n * 3 * patch * patch * w + layers * (24 * n * w * w + 4 * n * n * w), gh, gw
+
+
+def stem_forward_flops(cfg: OFAConfig, height: int, width: int) -> tuple[int, int, int]:
+    """-> (FLOPs of the configured image stem for one image, output grid height, output grid width)."""
+    if cfg.image_stem == "vit_b16":
+        return vit_forward_flops(height, width)
+    return resnet_forward_flops(cfg, height, width)
+
+
 @dataclass
 class StepFlops:
     resnet: int
@@ -82,9 +99,9 @@ def step_flops(
     resnet = n = 0
     if image_size:
         hh, ww = (image_size, image_size) if isinstance(image_size, int) else image_size
-        resnet, gh, gw = resnet_forward_flops(cfg, hh, ww)
+        resnet, gh, gw = stem_forward_flops(cfg, hh, ww)
         n = sample_patch_num if sample_patch_num else gh * gw
-        resnet += 2 * n * cfg.resnet_out_channels * d  # image_proj
+        resnet += 2 * n * cfg.image_channels * d  # image_proj
     s, t = src_len, tgt_len
     length = n + s
     enc_layer = 8 * length * d * d + 4 * length * d * f + 4 * length * length * d

@@ -521,7 +521,8 @@ def score_candidates(
     the same number of decoder passes, an empty batch included.
     """
     code_masks = batch.get("code_masks")
-    if code_masks is not None and bool(code_masks.any()):
+    exits = early_exit.config_of(model)  # MuE decoder exits live in the decoder's own loop, which the tree bypasses
+    if (code_masks is not None and bool(code_masks.any())) or (exits is not None and exits.decoder < 1.0):
         return score_candidates_naive(model, batch, candidates, decoder_prompts=decoder_prompts,
                                       constraint_trie=constraint_trie, constrain=constrain, chunk_size=chunk_size,
                                       lockstep=lockstep)

@@ -49,6 +49,12 @@ def _kind(module: nn.Module, attr: str) -> str:
                 "num_batches_tracked": "zeros"}[attr]
     if attr == "c_attn":
         return "ones"
+    # OFA-OCR's ViT stem (model/vit_stem.py): nn.MultiheadAttention's packed q/k/v projection and the positional
+    # table are bare parameters; they get the Linear/Embedding rules
+    if attr in ("in_proj_weight", "positional_embedding"):
+        return "normal"
+    if attr == "in_proj_bias":
+        return "zeros"
     raise TypeError(f"no initialisation rule for {cls}.{attr}; add one to ofa_scale/model/init.py")
 
 

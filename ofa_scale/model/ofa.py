@@ -19,6 +19,7 @@ class OFAModel(nn.Module):
     """`model(src_tokens=, patch_images=, patch_masks=, prev_output_tokens=, code_masks=None,
     sample_patch_num=None, patch_generator=None) -> logits (B, T, V)`.
 
+    `all_layers=True` returns a tuple with one logits tensor per decoder layer (MuE training).
     `patch_images` are normalised float images (B, 3, H, W); `patch_masks` (B,) bool marks samples that have an
     image (False: every image position is padding). `sample_patch_num` (0/None = all) keeps that many random
     patches per image, drawn from `patch_generator` (a torch.Generator) so the choice is reproducible.
@@ -91,10 +92,12 @@ class OFAModel(nn.Module):
         code_masks: torch.Tensor | None = None,
         sample_patch_num: int | None = None,
         patch_generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
+        all_layers: bool = False,
+    ) -> torch.Tensor | tuple[torch.Tensor, ...]:
         encoder_out = self.encoder(src_tokens=src_tokens, patch_images=patch_images, patch_masks=patch_masks,
                                    sample_patch_num=sample_patch_num, generator=patch_generator)
-        return self.decoder(prev_output_tokens, encoder_out, code_masks=code_masks)
+        # all_layers: one logits tensor per decoder layer (MuE training, objectives/mue_loss.py)
+        return self.decoder(prev_output_tokens, encoder_out, code_masks=code_masks, all_layers=all_layers)
 
     # beam-search helpers (the generator calls these on the model)
     @staticmethod

@@ -17,6 +17,7 @@ import torch
 from ofa_scale.errors import ConfigError
 from ofa_scale.objectives.config import (GROUPS, PAD_TASK_ID, SOURCE_TASKS, SOURCES, TASK_GROUP, TASK_ID,
                                          ObjectivesConfig)
+from ofa_scale.objectives.constraints import ConstraintSets
 from ofa_scale.objectives.transforms import INFILL_FILL
 
 GroupBatch = dict[str, Any]
@@ -80,8 +81,9 @@ class Collator:
 
     Each group has `batch_size` rows (missing examples become padding rows: target all pad, task id -1),
     `source_length`/`target_length` columns (longer sequences are truncated and counted in
-    `stats[group]`), and images of the group's size. `constraint_masks` (B, T, vocab_size) appear only when
-    some example of the group carries a `constraint`.
+    `stats[group]`), and images of the group's size. `constraint_masks` appear only when some example of the
+    group carries a `constraint`: a compact `ConstraintSets` (objectives/constraints.py) standing for the
+    (B, T, vocab_size) boolean mask, which the loss resolves on the device for the positions it computes.
     """
 
     def __init__(self, cfg: ObjectivesConfig, composition: Composition, vocab_size: Optional[int] = None,
@@ -132,11 +134,8 @@ class Collator:
         conf = torch.ones(b, dtype=torch.float32)
         task_ids = torch.full((b,), PAD_TASK_ID, dtype=torch.long)
         constrained = any(r.get("constraint") is not None for r in rows)
-        cmask = None
-        if constrained:
-            if self.vocab_size is None:
-                raise ValueError("examples carry constraints but the Collator was built without vocab_size")
-            cmask = torch.ones((b, t_len, self.vocab_size), dtype=torch.bool)
+        if constrained and self.vocab_size is None:
+            raise ValueError("examples carry constraints but the Collator was built without vocab_size")
         st = {"examples": len(rows), "padding_rows": b - len(rows), "source_truncated": 0, "target_truncated": 0,
               "target_tokens": 0}
         for i, ex in enumerate(rows):
@@ -166,14 +165,13 @@ class Collator:
             code_masks[i] = bool(ex.get("code_mask", False))
             conf[i] = float(ex["conf"])
             task_ids[i] = self.task_ids[ex["task"]]
-            if cmask is not None and ex.get("constraint") is not None:
-                cmask[i] = constraint_mask(ex["constraint"], t_len, self.vocab_size)
         st["target_tokens"] = int((tgt != PAD).sum())
         out: GroupBatch = {"src_tokens": src, "patch_images": images, "patch_masks": patch_masks,
                            "prev_output_tokens": prev, "target": tgt, "code_masks": code_masks, "conf": conf,
                            "task_ids": task_ids, "sample_patch_num": self.sample_patch_num[group]}
-        if cmask is not None:
-            out["constraint_masks"] = cmask
+        if constrained:
+            out["constraint_masks"] = ConstraintSets.build([r.get("constraint") for r in rows], b, t_len,
+                                                           self.vocab_size)
         if any("references" in r for r in rows):
             # SCST (finetune/scst.py) rewards generated captions against each row's reference captions: a plain
             # list per row, [] for padding rows, never sent to the model
@@ -182,7 +180,8 @@ class Collator:
 
 
 def constraint_mask(constraint: Any, t_len: int, vocab_size: int) -> torch.Tensor:
-    """(T, V) allowed-token mask of one example.
+    """(T, V) allowed-token mask of one example, dense (the reference for `ConstraintSets`, which the Collator
+    builds instead).
 
     `constraint` is either {"range": (start, end)} — ids 0–3 and [start, end) at every position, OFA's
     `constraint_range` — or a list with, per target position, the allowed ids (positions beyond the list

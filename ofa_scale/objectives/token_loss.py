@@ -12,9 +12,11 @@ and summed over the tensor-parallel group. `SingleProcessTokenLoss` is the same 
 whole vocabulary: tp = 1, every reduction the identity, no collective.
 
 Constraint masks, a constraint range and the padded vocabulary rows beyond `real_vocab` form one "allowed" mask
-applied before the softmax, so they restrict both the softmax and the smoothing mass exactly (OFA masks the logits
-with −inf, then smooths over the allowed set). Pad targets never reach the softmax: only the valid positions'
-rows are computed (their number is the same on every tensor-parallel rank, which share the targets).
+applied before the softmax (the masks come dense, (B, T, V) bool, or compact as the Collator builds them, a
+`ConstraintSets` resolved here for the valid positions and this slice's columns only), so they restrict both the
+softmax and the smoothing mass exactly (OFA masks the logits with −inf, then smooths over the allowed set). Pad
+targets never reach the softmax: only the valid positions' rows are computed (their number is the same on every
+tensor-parallel rank, which share the targets).
 
 Encouraging Loss (`log_end` set; spec §10.4.2, OFA's label_smoothed_encouraging_loss.py): each kept token adds
 the bonus (1 − ε)·b(p_y) + (ε / V)·Σ_v b(p_v), b(p) = log(max(1 − p, 1e−5)), replaced above `log_end` by its
@@ -36,6 +38,7 @@ from typing import Any, Optional, Protocol, runtime_checkable
 
 import torch
 
+from ofa_scale.objectives.constraints import ConstraintSets
 from ofa_scale.parallel import collectives
 
 
@@ -81,10 +84,11 @@ class TokenLoss(Protocol):
     ignore_index: int
 
     def __call__(self, logits: torch.Tensor, target: torch.Tensor, *, conf: Optional[torch.Tensor] = None,
-                 constraint_masks: Optional[torch.Tensor] = None,
+                 constraint_masks: Optional[torch.Tensor | ConstraintSets] = None,
                  constraint_range: Optional[tuple[int, int]] = None) -> TokenLosses:
         """logits (B, T, V or V_local), target (B, T); conf (B,) per-sample weights; constraint_masks (B, T, V)
-        bool over the real vocabulary; constraint_range (start, end): ids 0–3 and [start, end) allowed."""
+        bool over the real vocabulary, or the same as a compact `ConstraintSets`; constraint_range (start, end):
+        ids 0–3 and [start, end) allowed."""
         ...
 
 
@@ -124,10 +128,11 @@ class VocabParallelTokenLoss:
             return x
         return collectives.all_reduce(x, op, self.group)
 
-    def _allowed(self, n: int, v_local: int, device, constraint_masks: Optional[torch.Tensor],
+    def _allowed(self, valid: torch.Tensor, n: int, v_local: int, device,
+                 constraint_masks: Optional[torch.Tensor | ConstraintSets],
                  constraint_range: Optional[tuple[int, int]]) -> Optional[torch.Tensor]:
-        """(N, V_local) or (V_local,) bool: the ids of this slice that may receive probability mass; None when
-        all may (the common unconstrained case needs no mask at all)."""
+        """(N, V_local) or (V_local,) bool: the ids of this slice that may receive probability mass at the N
+        `valid` positions; None when all may (the common unconstrained case needs no mask at all)."""
         start, end = self.vocab_start, self.vocab_start + v_local
         real = end if self.real_vocab is None else self.real_vocab
         ids = torch.arange(start, end, device=device)
@@ -136,15 +141,18 @@ class VocabParallelTokenLoss:
             lo, hi = constraint_range
             in_range = (ids < 4) | ((ids >= lo) & (ids < hi))
             allowed = in_range if allowed is None else allowed & in_range
+        if isinstance(constraint_masks, ConstraintSets):
+            local = constraint_masks.allowed(valid.to(device), start, min(end, real))
+        elif constraint_masks is not None:
+            local = constraint_masks[valid][:, start:min(end, real)].bool()
         if constraint_masks is not None:
-            local = constraint_masks[:, start:min(end, real)].bool()
             if local.shape[-1] < v_local:  # the slice reaches into the padded rows (or past the mask's columns)
                 local = torch.cat([local, local.new_zeros(n, v_local - local.shape[-1])], dim=-1)
             allowed = local if allowed is None else local & allowed
         return allowed
 
     def __call__(self, logits: torch.Tensor, target: torch.Tensor, *, conf: Optional[torch.Tensor] = None,
-                 constraint_masks: Optional[torch.Tensor] = None,
+                 constraint_masks: Optional[torch.Tensor | ConstraintSets] = None,
                  constraint_range: Optional[tuple[int, int]] = None) -> TokenLosses:
         b, t, v_local = logits.shape
         start = self.vocab_start
@@ -153,8 +161,7 @@ class VocabParallelTokenLoss:
         x = logits[valid].to(torch.promote_types(logits.dtype, torch.float32))  # (N, V_local)
         y = target[valid]
         n = y.shape[0]
-        allowed = self._allowed(n, v_local, x.device, None if constraint_masks is None else constraint_masks[valid],
-                                constraint_range)
+        allowed = self._allowed(valid, n, v_local, x.device, constraint_masks, constraint_range)
         masked = x if allowed is None else x.masked_fill(~allowed, float("-inf"))
 
         # log-sum-exp over the whole allowed vocabulary, shifted by its max (a constant: no gradient)

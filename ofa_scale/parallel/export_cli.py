@@ -30,8 +30,16 @@ def export(checkpoint: str | Path, out: str | Path, arch: str | None = None) -> 
     from ofa_scale.parallel.canonical_store import MODEL, CanonicalReader
     from ofa_scale.utils.config import from_dict
 
-    reader = CanonicalReader(_canonical_input(checkpoint))
+    canonical = _canonical_input(checkpoint)
+    from ofa_scale.finetune.prompt_checkpoint import has_prompt_checkpoint, load_prompt_model
+
+    if has_prompt_checkpoint(canonical.parent):  # prompt tuning: the hash-checked base plus the tuned parameters
+        return save_pretrained(load_prompt_model(canonical.parent), out, extra={"exported_from": str(checkpoint)})
+    reader = CanonicalReader(canonical)
     weights, meta = reader.view(MODEL), reader.meta
+    if meta.get("extra", {}).get("trained_only"):
+        raise UserError(f"{checkpoint} holds only the parameters a prompt-tuning run trained; export the run's "
+                        f"checkpoints/step_* directory, whose prompt/ folder names the base model")
     if meta.get("model"):
         cfg = from_dict(OFAConfig, meta["model"])
         cfg.validate()

@@ -1,7 +1,10 @@
 """OFA on DeepSpeed's PipelineModule: stage partitioning and the module itself.
 
-Every rank builds the (TP-local) model once with the same seed, so parameters equal the unsplit model's, then
-keeps only its stage's layers (the rest are freed when the build returns). Partitioning is over blocks (see
+Every rank builds the (TP-local) model on the meta device (nothing allocated) and carves it into pipeline layers;
+DeepSpeed's PipelineModule builds only its own stage's layer specs, and a spec allocates its layer when built, so a
+rank never holds more than its stage. The stage is then filled with the layout-independent initial weights
+(model/init.py: each tensor from its own (seed, name) generator), so parameters equal the unsplit model's at the
+same seed. Partitioning is over blocks (see
 pipeline_layers): by forward FLOPs (default; an encoder layer over a long image sequence costs several decoder
 layers, and the ResNet stem sits in the first block), by parameter count, uniformly, or as an explicit list.
 
@@ -12,11 +15,13 @@ output, biases), and DeepSpeed's partitioned mode handles only the first.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
 
+from ofa_scale.parallel.allocate import allocate, is_meta
 from ofa_scale.parallel.pipeline_layers import (
     DecoderEmbedPipe, DecoderLayerPipe, DecoderNormPipe, EncoderEmbedPipe, EncoderLayerPipe, SharedEmbedding,
     blocks_to_layers, carve)
@@ -38,9 +43,30 @@ def stage_blocks(layout, model_cfg, image_size: int = 480, src_len: int = 128, t
                           layout.pp)
 
 
-def build_layer_specs(model: nn.Module, factory) -> list:
-    """The flat list of pipeline layers over a built (TP-local) OFAModel; consumes the model."""
+@functools.cache
+def _spec_classes() -> tuple[type, type]:
+    """DeepSpeed's LayerSpec and TiedLayerSpec, allocating a layer carved from a meta model when it is built (the
+    PipelineModule builds the specs of its own stage only)."""
     from deepspeed.pipe import LayerSpec, TiedLayerSpec
+
+    def allocated(module: nn.Module) -> nn.Module:
+        return allocate(module) if is_meta(module) else module
+
+    class AllocatingLayerSpec(LayerSpec):
+        def build(self, log=False):
+            return allocated(super().build(log))
+
+    class AllocatingTiedLayerSpec(TiedLayerSpec):
+        def build(self, log=False):
+            return allocated(super().build(log))
+
+    return AllocatingLayerSpec, AllocatingTiedLayerSpec
+
+
+def build_layer_specs(model: nn.Module, factory) -> list:
+    """The flat list of pipeline layers over a (TP-local) OFAModel, built or on the meta device; consumes the model.
+    Layers carved from a meta model are allocated (uninitialised) when their spec is built."""
+    LayerSpec, TiedLayerSpec = _spec_classes()  # noqa: N806
 
     parts = carve(model)
     specs: list[Any] = [
@@ -83,10 +109,11 @@ def build_pipeline_model(ctx, model_cfg, model_cls: Callable[..., nn.Module],
                          src_len: int = 128, tgt_len: int = 64, dynamic_shape: bool = False) -> nn.Module:
     from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 
+    from ofa_scale.model.init import InitialWeights
+    from ofa_scale.parallel.canonical import load_model_weights
+
     layout = ctx.layout
-    # same seed on every rank -> the kept layers hold the same values as in the unsplit model
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
+    with torch.device("meta"):  # free: only the specs of this rank's stage are allocated, when DeepSpeed builds them
         model = model_cls(model_cfg, layers=ctx.layer_factory)
     if layout.tp > 1:
         from ofa_scale.parallel.context import mark_split_from_reference
@@ -110,6 +137,9 @@ def build_pipeline_model(ctx, model_cfg, model_cls: Callable[..., nn.Module],
     module = _pipeline_module_class()(specs, parts, topology=topology, loss_fn=loss_fn, dynamic_shape=dynamic_shape,
                                       **ckpt_kwargs)
     module.stage_blocks = blocks
+    # DeepSpeed broadcast the tied embedding while constructing (uninitialised values); both ends now write the same
+    load_model_weights(ctx, module, InitialWeights(model_cfg, seed))
+    module.initial_weights_seed = seed  # training/prepare.py does not fill them a second time
     return module
 
 

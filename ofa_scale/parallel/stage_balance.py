@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 from ofa_scale.errors import ConfigError
 from ofa_scale.model.config import OFAConfig
-from ofa_scale.model.flops import resnet_forward_flops, step_flops
+from ofa_scale.model.flops import stem_forward_flops, step_flops
+from ofa_scale.model.vit_stem import vit_param_count
 from ofa_scale.parallel.pipeline_layers import num_pipeline_layers
 
 
@@ -32,6 +33,11 @@ def resnet_params(cfg: OFAConfig) -> int:
                 n += channels * out + 2 * out  # downsample conv + BN
             channels = out
     return n
+
+
+def stem_params(cfg: OFAConfig) -> int:
+    """Parameters of the configured image stem (the ResNet, or OFA-OCR's ViT-B/16)."""
+    return vit_param_count() if cfg.image_stem == "vit_b16" else resnet_params(cfg)
 
 
 @dataclass
@@ -69,7 +75,7 @@ def param_groups(cfg: OFAConfig) -> ParamGroups:
     return ParamGroups(
         embedding=cfg.vocab_size * d,
         # ResNet, image_proj, text/patch embedding LNs, type embedding, text/image position tables, pos LNs
-        stem_replicated=resnet_params(cfg) + cfg.resnet_out_channels * d + d + 2 * d + 2 * d + 2 * d
+        stem_replicated=stem_params(cfg) + cfg.image_channels * d + d + 2 * d + 2 * d + 2 * d
         + (cfg.max_source_positions + 2 + image_positions) * d + 4 * d,
         stem_split=2 * (d * d + d),
         encoder_layer_split=attn_split + ffn_split + rel,
@@ -110,7 +116,7 @@ def forward_flops(cfg: OFAConfig, image_size: int, src_len: int, tgt_len: int) -
 
     one, enc2, dec2 = at(1, 1), at(2, 1), at(1, 2)
     enc_layer, dec_layer = enc2.encoder - one.encoder, dec2.decoder - one.decoder
-    conv = resnet_forward_flops(cfg, image_size, image_size)[0]
+    conv = stem_forward_flops(cfg, image_size, image_size)[0]
     embed = (one.resnet - conv) + (one.encoder - enc_layer) + (one.decoder - dec_layer)
     return FlopBreakdown(float(conv), float(enc_layer), float(dec_layer), float(embed), float(one.output))
 

@@ -4,11 +4,13 @@
     ofa-predict --model ofa_base.pt --tokenizer-path bpe/ --task vqa --input questions.jsonl --out answers.jsonl \\
         [--answers answers.txt]
     ofa-predict --model RUN --task grounding --input refcoco_val.tsv --out boxes.jsonl --draw-boxes drawn/
-    ofa-predict --model RUN --task image_gen --vqgan vqgan/ --input captions.txt --out gen.jsonl [--samples 24]
+    ofa-predict --model RUN --task image_gen --vqgan vqgan/ --input captions.txt --out gen.jsonl [--samples 24] \\
+        [--clip ViT-B-16.pt]
 
 Output lines, in input order: {"id", <field>} with caption `caption`, vqa `answer`, grounding `box` ([x0, y0, x1,
 y1] in the original image's pixels), snli_ve `label` (yes / no / maybe), instruct `text`, image_gen `images`
-(PNG paths in <OUT>_images/ beside OUT, best first, with their `logprobs`); a failed input gets {"id", "error"}
+(PNG paths in <OUT>_images/ beside OUT, best first, with their `logprobs` and, with --clip, `clip_scores`; plus
+<OUT>_contact_sheet.png); a failed input gets {"id", "error"}
 and the run goes on. Exit status: 0 when every input got a prediction, 1 when any failed, 2 for a
 usage error (nothing run).
 """
@@ -26,6 +28,7 @@ from typing import Any, Iterable, Iterator, Optional
 
 from ofa_scale.cli import run_cli
 from ofa_scale.errors import UserError
+from ofa_scale.predict.image_gen import add_clip_options
 from ofa_scale.predict.inputs import PredictInput, open_image, read_inputs
 from ofa_scale.predict.tasks import IMAGE_GEN, TASK_CHOICES, Predictor, get_spec, task_section
 
@@ -66,13 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vqgan", default=None, metavar="DIR",
                    help="image_gen: the taming VQGAN (model.yaml + last.ckpt) that turns codes into pixels")
     p.add_argument("--samples", type=int, default=24, metavar="N",
-                   help="image_gen: images per caption (default 24, OFA's). Without CLIP they are ranked by the "
-                        "model's own sequence log-probability, best first")
+                   help="image_gen: images per caption (default 24, OFA's), best first: by CLIP similarity with "
+                        "--clip, else by the model's own sequence log-probability")
+    add_clip_options(p, "image_gen: ")
     p.add_argument("--seed", type=int, default=42, metavar="S",
                    help="image_gen: caption i (0-based) samples with seed S+i, so its images are reproducible")
     p.add_argument("--early-exit", default=None, metavar="THRESH",
-                   help="MuE early exit at this cosine threshold (e.g. 0.95, or encoder=0.99,decoder=0.9); the "
-                        "summary line says how many layers ran")
+                   help="MuE early exit: one cosine threshold (e.g. 0.95) or img=0.99,txt=0.7,decoder=0.9 (MuE's "
+                        "img_thres/txt_thres/decoder_thres; img/txt apart need a model.mue model; encoder= sets "
+                        "both); the summary line says how many layers ran")
     return p
 
 
@@ -87,8 +92,8 @@ def run(args: argparse.Namespace) -> int:
     if args.task == IMAGE_GEN:  # text in, images out: none of the image tasks' machinery applies
         from ofa_scale.predict.image_gen import run_image_gen
         return run_image_gen(args)
-    if args.vqgan:
-        raise UserError("--vqgan is the image_gen VQGAN; use it with --task image_gen")
+    if args.vqgan or args.clip:
+        raise UserError("--vqgan and --clip are image_gen options; use them with --task image_gen")
     spec = get_spec(args.task)
     # --early-exit: MuE exits (model/early_exit.py); the config also counts the layers run
     exits = None if args.early_exit is None else early_exit.EarlyExitConfig.parse(args.early_exit)
@@ -107,7 +112,8 @@ def run(args: argparse.Namespace) -> int:
     device, dtype = pick_device(args.device)
     loaded = load_model(args.model, args.tokenizer_path, ema=not args.no_ema)
     section = task_section(spec, run_task=run_task_section(loaded.description), recipe=args.recipe,
-                           answers=args.answers, overrides=args.overrides, batch_size=args.batch_size)
+                           answers=args.answers, overrides=args.overrides, batch_size=args.batch_size,
+                           tokenizer=loaded.tokenizer)
     predictor = Predictor(spec, section, loaded.tokenizer)
     model = loaded.model.to(device=device, dtype=dtype).eval()
     early_exit.enable(model, exits)  # None: the full model

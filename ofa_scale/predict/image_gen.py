@@ -6,8 +6,11 @@ of exactly 1024 code tokens: the ids allowed are the tokenizer's `<code_i>` rang
 dictionary puts the codes elsewhere), cut to the codes the VQGAN has; eos is banned until the 1024th token and then
 forced. Codes → 32×32 grid → VQGAN decoder → 256×256 PNGs.
 
-Ranking: OFA reranks the samples by CLIP text–image similarity. CLIP is not wired in yet, so the samples are ordered
-by the model's own sequence log-probability of their 1024 codes (best first); each line carries those scores.
+Ranking: with `--clip WEIGHTS` (the user's local CLIP ViT-B/16 file, evaluation/clip_model.py) the samples are
+reranked by CLIP text–image cosine similarity against the caption as OFA's CLIP sees it (extensions §10.6.2), best
+first. Without CLIP weights they are ordered by the model's own sequence log-probability of their 1024 codes. Each
+line carries both scores in its images' order. Every run also writes a contact sheet: one row per caption (the first
+64), its best 8 images.
 
 Reproducibility: caption number i (0-based, in input order) samples with a generator seeded `seed + i`, so its
 images do not depend on what else is in the input.
@@ -20,9 +23,9 @@ import itertools
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -40,12 +43,15 @@ TOPK = 256
 class Sample:
     codes: torch.Tensor  # (1024,) VQGAN indices (token id − the tokenizer's code offset)
     logprob: float       # the model's log-probability of the 1024 code tokens
+    clip: Optional[float] = None  # CLIP cosine similarity of its image with the caption (when ranked by CLIP)
 
 
 class ImageGenerator:
-    """An OFA model + its tokenizer + a VQGAN: captions → ranked samples → uint8 images."""
+    """An OFA model + its tokenizer + a VQGAN (+ optionally a CLIP `ClipScorer` that ranks): captions → ranked
+    samples → images."""
 
-    def __init__(self, model: Any, tokenizer: Any, vqgan: Any, *, samples: int, device, topk: int = TOPK):
+    def __init__(self, model: Any, tokenizer: Any, vqgan: Any, *, samples: int, device, topk: int = TOPK,
+                 clip: Any = None):
         from ofa_scale.model.generate import GenerationConfig, max_generation_len
 
         if samples < 1:
@@ -58,7 +64,7 @@ class ImageGenerator:
         num_codes = min(int(getattr(tokenizer, "num_codes", 0)), int(vqgan.n_embed))
         if num_codes < 1:
             raise UserError("the tokenizer has no <code_i> tokens; text-to-image needs OFA's code vocabulary")
-        self.model, self.tok, self.vqgan, self.device = model, tokenizer, vqgan, device
+        self.model, self.tok, self.vqgan, self.device, self.clip = model, tokenizer, vqgan, device, clip
         self.code_offset = int(tokenizer.code_offset)
         # only codes both the tokenizer and the VQGAN know (a smaller codebook than 8192 cuts the range)
         self.cfg = GenerationConfig.for_task("image_gen", beam_size=samples, sampling_topk=topk,
@@ -95,12 +101,36 @@ class ImageGenerator:
         """uint8 (N, 256, 256, 3) images of the samples (codes in raster order on a 32×32 grid)."""
         return self.vqgan.decode(torch.stack([s.codes for s in samples]).view(-1, GRID, GRID))
 
+    @property
+    def ranking(self) -> str:
+        return "CLIP similarity" if self.clip is not None else "log-probability"
+
+    def generate(self, caption: str, seed: int) -> tuple[list[Sample], list[Any]]:
+        """The caption's samples and their PIL images, best first: by CLIP similarity when a scorer is set (OFA's
+        ranking; `Sample.clip` filled), else by the model's log-probability."""
+        from ofa_scale.evaluation.clip_model import clip_text, order_by
+        from ofa_scale.vqgan import to_pil
+
+        samples = self.sample(caption, seed)
+        images = to_pil(self.render(samples))
+        if self.clip is None:
+            return samples, images
+        scores = self.clip.similarities(images, clip_text(caption, MAX_CAPTION_WORDS))
+        order = order_by(scores)
+        return [replace(samples[i], clip=float(scores[i])) for i in order], [images[i] for i in order]
+
+    def labels(self, samples: list[Sample]) -> list[str]:
+        """A short score label per sample, for the contact sheet and the demo."""
+        return [f"clip {s.clip:.3f}" if s.clip is not None else f"logp {s.logprob:.1f}" for s in samples]
+
 
 def run_image_gen(args: argparse.Namespace) -> int:
-    """`ofa-predict --task image_gen`: one line {"id", "images", "logprobs"} per caption, or {"id", "error"}."""
-    from ofa_scale.predict.cli import load_model, pick_device, safe_name
+    """`ofa-predict --task image_gen`: one line {"id", "images", "logprobs"[, "clip_scores"]} per caption (lists
+    best first), or {"id", "error"}; the PNGs in <OUT>_images/ and a contact sheet <OUT>_contact_sheet.png."""
+    from ofa_scale.evaluation.contact_sheet import RankedSheet, write_ranked_pngs
+    from ofa_scale.predict.cli import load_model, pick_device
     from ofa_scale.predict.inputs import read_captions
-    from ofa_scale.vqgan import load_vqgan, to_pil
+    from ofa_scale.vqgan import load_vqgan
 
     if args.early_exit is not None or args.draw_boxes or args.answers:
         raise UserError("--early-exit, --draw-boxes and --answers do not apply to --task image_gen")
@@ -111,16 +141,19 @@ def run_image_gen(args: argparse.Namespace) -> int:
     if first is None:
         raise UserError(f"--input {args.input} holds no captions")
     device, dtype = pick_device(args.device)
+    clip = load_clip(args.clip, args.clip_arch, device)  # a bad CLIP file stops the run before the big loads
     vqgan = load_vqgan(args.vqgan, device=device)
     loaded = load_model(args.model, args.tokenizer_path, ema=not args.no_ema)
     model = loaded.model.to(device=device, dtype=dtype).eval()
-    generator = ImageGenerator(model, loaded.tokenizer, vqgan, samples=args.samples, device=device)
+    generator = ImageGenerator(model, loaded.tokenizer, vqgan, samples=args.samples, device=device, clip=clip)
     out = Path(args.out)
     image_dir = out.parent / f"{out.stem}_images"
     image_dir.mkdir(parents=True, exist_ok=True)
+    sheet_path = out.parent / f"{out.stem}_contact_sheet.png"
+    sheet = RankedSheet()
     print(f"ofa-predict: image_gen with {loaded.description.get('checkpoint')} on {device} "
           f"({str(dtype).removeprefix('torch.')}), {args.samples} samples per caption, seed {args.seed}; "
-          f"samples ranked by the model's log-probability (no CLIP)", file=sys.stderr)
+          f"samples ranked by {generator.ranking}" + ("" if clip else " (no --clip weights)"), file=sys.stderr)
     done = failed = 0
     start = time.perf_counter()
     with out.open("w", encoding="utf-8") as f:
@@ -129,13 +162,12 @@ def run_image_gen(args: argparse.Namespace) -> int:
             try:
                 if item.error:
                     raise UserError(item.error)
-                samples = generator.sample(item.text, args.seed + number)
-                paths = []
-                for rank, image in enumerate(to_pil(generator.render(samples))):
-                    path = image_dir / f"{safe_name(item.id)}_{rank}.png"
-                    image.save(path, format="PNG")
-                    paths.append(str(path))
-                line.update(images=paths, logprobs=[round(s.logprob, 4) for s in samples])
+                samples, images = generator.generate(item.text, args.seed + number)
+                paths = write_ranked_pngs(images, image_dir, item.id)
+                line.update(images=[str(p) for p in paths], logprobs=[round(s.logprob, 4) for s in samples])
+                if clip is not None:
+                    line["clip_scores"] = [round(s.clip, 6) for s in samples]
+                sheet.add(item.text, images, generator.labels(samples))
             except UserError as e:
                 line["error"] = str(e)
             failed += "error" in line
@@ -144,9 +176,31 @@ def run_image_gen(args: argparse.Namespace) -> int:
             f.flush()
             print(f"ofa-predict: {done} captions, {failed} failed, "
                   f"{done / (time.perf_counter() - start):.3f} captions/s", file=sys.stderr)
-    print(f"ofa-predict: {done} captions ({failed} failed) in {time.perf_counter() - start:.1f}s; wrote {out} "
-          f"and {image_dir}/", file=sys.stderr)
+    wrote = f"{out}, {image_dir}/"
+    if sheet.rows:
+        wrote += f" and {sheet.write(sheet_path)}"
+    print(f"ofa-predict: {done} captions ({failed} failed) in {time.perf_counter() - start:.1f}s; wrote {wrote}",
+          file=sys.stderr)
     return 1 if failed else 0
 
 
-__all__ = ["ImageGenerator", "Sample", "run_image_gen", "PROMPT", "NUM_CODES"]
+def add_clip_options(parser: argparse.ArgumentParser, prefix: str) -> None:
+    """`--clip WEIGHTS` and `--clip-arch ARCH`, shared by ofa-predict and ofa-demo (`prefix` starts their help)."""
+    parser.add_argument("--clip", default=None, metavar="WEIGHTS",
+                        help=f"{prefix}rank the samples by CLIP text-image similarity, as OFA does, with this local "
+                             "CLIP file (OpenAI's ViT-B-16.pt as OFA ships it, or an open_clip state dict)")
+    parser.add_argument("--clip-arch", default="ViT-B-16", metavar="ARCH",
+                        help=f"{prefix}the open_clip architecture of --clip (default %(default)s, OFA's; "
+                             "ViT-B-16-quickgelu for OpenAI weights saved as a state dict), or a model-config .json")
+
+
+def load_clip(weights: Optional[str], arch: str, device) -> Any:
+    """The `ClipScorer` of `--clip WEIGHTS` (None without weights: log-probability ranking)."""
+    if not weights:
+        return None
+    from ofa_scale.evaluation.clip_model import ClipScorer
+
+    return ClipScorer.load(weights, arch, device=device)
+
+
+__all__ = ["ImageGenerator", "Sample", "run_image_gen", "add_clip_options", "load_clip", "PROMPT", "NUM_CODES"]

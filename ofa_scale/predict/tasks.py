@@ -7,6 +7,11 @@ recipe trains and validates with. References the record would carry are placehol
 
 `instruct` is OFA's generic interface: the user's text is the whole encoder source and decoding is the caption
 preset's plain beam search (no constraint), with the caption recipe's image geometry.
+
+A model on the `bert` tokenizer is OFA-CN (OFA itself picks its prompts by the BPE class): without a run's own task
+section or `--recipe`, its tasks take the Chinese recipes (MUGE caption, Chinese RefCOCO; `task.language: zh`), so
+a bare `ofa-convert import-ofa --tokenizer-kind bert` model dir gets the Chinese prompts; OFA-CN has none for VQA
+or SNLI-VE, which are refused in one sentence.
 """
 
 from __future__ import annotations
@@ -35,18 +40,19 @@ class PredictSpec:
     name: str          # --task
     finetune: str      # the finetuning task module (task.name)
     recipe: str        # configs/finetune/<recipe>.yaml: its `task:` section when the model has none of its own
+    recipe_zh: Optional[str]  # the same for an OFA-CN model (bert tokenizer); None: OFA-CN has no such prompt
     field: str         # the output line's field
     needs_text: bool   # an input without text is an error
     tsv_format: Optional[str]  # the TSV format --input may be in (None: no TSV)
 
 
 SPECS = {s.name: s for s in (
-    PredictSpec("caption", "caption", "caption_stage1_base", "caption", False, "caption"),
-    PredictSpec("vqa", "vqa", "vqa_base", "answer", True, "vqa"),
-    PredictSpec("grounding", "refcoco", "refcoco_base", "box", True, "refcoco"),
-    PredictSpec("snli_ve", "snli_ve", "snli_ve_base", "label", True, "snli_ve"),
-    PredictSpec("instruct", "caption", "caption_stage1_base", "text", True, None),
-    PredictSpec("ocr", "ocr", "ocr_base", "text", False, "ocr"),
+    PredictSpec("caption", "caption", "caption_stage1_base", "muge_caption_base", "caption", False, "caption"),
+    PredictSpec("vqa", "vqa", "vqa_base", None, "answer", True, "vqa"),
+    PredictSpec("grounding", "refcoco", "refcoco_base", "refcoco_cn_base", "box", True, "refcoco"),
+    PredictSpec("snli_ve", "snli_ve", "snli_ve_base", None, "label", True, "snli_ve"),
+    PredictSpec("instruct", "caption", "caption_stage1_base", "muge_caption_base", "text", True, None),
+    PredictSpec("ocr", "ocr", "ocr_base", "ocr_base", "text", False, "ocr"),
 )}
 TASK_CHOICES = (*SPECS, IMAGE_GEN, *NOT_YET)
 
@@ -60,9 +66,10 @@ def get_spec(name: str) -> PredictSpec:
 
 
 def task_section(spec: PredictSpec, *, run_task: Optional[dict], recipe: Optional[str], answers: Optional[str],
-                 overrides: list[str], batch_size: int) -> TaskSection:
+                 overrides: list[str], batch_size: int, tokenizer: Any = None) -> TaskSection:
     """The `task:` section to predict with: the `--recipe` file's, else the run's own when it was finetuned on
-    this task (its geometry), else the task's base recipe; then `--set` overrides (keys inside `task.`).
+    this task (its geometry), else the task's base recipe (its Chinese one when `tokenizer` is OFA-CN's bert);
+    then `--set` overrides (keys inside `task.`).
 
     VQA: with `answers` the recipe's candidate set and inference (all-candidate scoring) apply; without, the
     answer is decoded open-ended by beam search (no candidate file, no trie)."""
@@ -74,10 +81,16 @@ def task_section(spec: PredictSpec, *, run_task: Optional[dict], recipe: Optiona
     elif run_task and run_task.get("name") == spec.finetune:
         data = dict(run_task)
     else:
-        path = RECIPES_DIR / f"{spec.recipe}.yaml"
+        name = spec.recipe
+        if getattr(tokenizer, "kind", None) == "bert":
+            name = spec.recipe_zh
+            if name is None:
+                raise UserError(f"--task {spec.name} has no Chinese prompt in OFA-CN, and this model uses OFA-CN's "
+                                f"bert tokenizer; use caption, grounding, instruct or ocr, or pass --recipe")
+        path = RECIPES_DIR / f"{name}.yaml"
         if not path.is_file():
-            raise UserError(f"the {spec.recipe} recipe is not at {path}; pass --recipe configs/finetune/"
-                            f"{spec.recipe}.yaml from an ofa-scale checkout")
+            raise UserError(f"the {name} recipe is not at {path}; pass --recipe configs/finetune/"
+                            f"{name}.yaml from an ofa-scale checkout")
         data = load_yaml(path)["task"]
     data = apply_overrides(data, list(overrides))
     data.setdefault("decoding", {})["batch_size"] = batch_size

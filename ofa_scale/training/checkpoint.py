@@ -37,6 +37,7 @@ from ofa_scale.errors import UserError
 from ofa_scale.parallel import collectives
 from ofa_scale.training.checkpoint_integrity import find_damage, is_complete, write_manifest
 from ofa_scale.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from ofa_scale.utils.malloc import release_free_memory
 
 CHECKPOINT_FORMAT_VERSION = 1
 LATEST = "latest"
@@ -103,17 +104,22 @@ def find_latest(ckpt_dir: Path) -> Optional[ResumePoint]:
 
 def save_checkpoint(engine, ckpt_dir: Path, step: int, rank: int, rank_state: dict[str, Any],
                     record: dict[str, Any], keep: int,
-                    write_extra: Optional[Callable[[Path], None]] = None) -> Path:
+                    write_extra: Optional[Callable[[Path], None]] = None, trained_only: bool = False) -> Path:
     """Collective: every rank calls it. Returns the tag directory.
 
-    `write_extra(tag_dir)` (collective too) adds files to the checkpoint before it is published by `latest`."""
+    `write_extra(tag_dir)` (collective too) adds files to the checkpoint before it is published by `latest`.
+    `trained_only`: DeepSpeed's files hold only the parameters that train (`_trained_parameters_only`)."""
     tag = tag_for(step)
     tag_dir = ckpt_dir / tag
     if rank == 0 and tag_dir.exists():
         shutil.rmtree(tag_dir)  # a leftover from a save that was killed before `latest` moved
     _barrier()
     with disk_full_is_a_user_error(ckpt_dir, tag_dir):
-        engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
+        if trained_only:
+            with _trained_parameters_only(engine):
+                engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False, exclude_frozen_parameters=True)
+        else:
+            engine.save_checkpoint(str(ckpt_dir), tag=tag, save_latest=False)
         buf = io.BytesIO()
         torch.save({"format_version": CHECKPOINT_FORMAT_VERSION, **rank_state}, buf)
         atomic_write_bytes(rank_file(tag_dir, rank), buf.getvalue())
@@ -129,7 +135,30 @@ def save_checkpoint(engine, ckpt_dir: Path, step: int, rank: int, rank_state: di
             atomic_write_text(ckpt_dir / LATEST, tag)
         _prune(ckpt_dir, keep, current=tag)
     _barrier()
+    release_free_memory()  # the save's buffers were freed; glibc would keep their pages resident (utils/malloc.py)
     return tag_dir
+
+
+@contextlib.contextmanager
+def _trained_parameters_only(engine):
+    """DeepSpeed's `exclude_frozen_parameters` leaves frozen parameters out of its files (ZeRO's frozen fragments
+    too) but keeps every buffer of the module state (BatchNorm statistics, index tables): for the duration of the
+    save the module state is the trained parameters alone. Loading it needs `load_module_strict=False`, the rest
+    coming from where the caller rebuilt it."""
+    full = engine.module_state_dict
+
+    def trained(*args, **kwargs):
+        state = full(*args, **kwargs)
+        keep = {name for name, p in engine.module.named_parameters() if p.requires_grad}
+        for name in [k for k in state if k not in keep]:
+            del state[name]
+        return state
+
+    engine.module_state_dict = trained  # an instance attribute: what DeepSpeed's _save_checkpoint calls
+    try:
+        yield
+    finally:
+        del engine.module_state_dict
 
 
 @contextlib.contextmanager

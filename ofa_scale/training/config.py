@@ -164,6 +164,9 @@ class TrainingConfig:
         _require(self.model.arch, "model.arch", "an OFA preset such as ofa_tiny or ofa_base")
         self.task.validate()
         self.model.prompt_tuning.validate(self)
+        if self.model.overrides.get("mue") and self.parallel.pp > 1:  # MuE (model/mue_encoder.py, mue_loss.py)
+            raise ConfigError("model.overrides.mue (MuE's decomposed encoder and all-layer loss) needs parallel.pp=1: "
+                              "pipeline stages run their own joint encoder and last-layer loss")
         if self.finetuning:
             self._validate_finetuning()
         else:

@@ -9,6 +9,9 @@ saves on both end stages). Under another layout (tp, pp, dp, ZeRO stage or world
 only its slices: the weights into the freshly built module before deepspeed.initialize and the moments into the
 engine afterwards. What does not carry over: the per-rank RNG streams (dropout draws after the resume differ from
 an uninterrupted run; losses match exactly only without dropout) and fp16 loss-scaler state.
+
+A trainer with `trained_only` (prompt tuning) writes a trained-only copy: the parameters that train and their
+moments, nothing frozen (index extra `trained_only`); reading it, the frozen rest comes from the trainer's base first.
 """
 
 from __future__ import annotations
@@ -58,20 +61,46 @@ class _EngineView:
         self.optimizer = engine.optimizer
 
 
-def write_canonical(ctx, engine, tag_dir: Path, model_config, step: int, lr_scheduler) -> None:
-    """Collective: every rank calls it and writes its slices into `<tag_dir>/canonical/`."""
+class _Subset:
+    """The parameters of `module` that `keep(name, parameter)` selects and no BatchNorm statistics, as
+    parallel/canonical.py walks a module: a trained-only copy holds the trained parameters alone."""
+
+    def __init__(self, module: torch.nn.Module, keep):
+        self._module, self._keep = module, keep
+
+    def named_parameters(self):
+        return ((n, p) for n, p in self._module.named_parameters() if self._keep(n, p))
+
+    def named_buffers(self):
+        return iter(())
+
+
+def write_canonical(ctx, engine, tag_dir: Path, model_config, step: int, lr_scheduler,
+                    trained_only: bool = False) -> None:
+    """Collective: every rank calls it and writes its slices into `<tag_dir>/canonical/` (`trained_only`: the
+    parameters that train, their Adam moments, no frozen weight or statistic)."""
     from ofa_scale.parallel.canonical import full_shapes, save_canonical
 
-    save_canonical(ctx, _EngineView(engine), canonical_dir(tag_dir), full_shapes(model_config),
-                   extra={"step": step, "lr_schedule_step": int(lr_scheduler.last_epoch)}, model_config=model_config)
+    view = _EngineView(engine)
+    if trained_only:
+        view.module = _Subset(view.module, lambda _, p: p.requires_grad)
+    save_canonical(ctx, view, canonical_dir(tag_dir), full_shapes(model_config),
+                   extra={"step": step, "lr_schedule_step": int(lr_scheduler.last_epoch), "trained_only": trained_only},
+                   model_config=model_config)
 
 
-def load_canonical_weights(tag_dir: Path, ctx, model: torch.nn.Module) -> None:
-    """This rank's slices of the checkpoint's weights (call before deepspeed.initialize)."""
+def load_canonical_weights(tag_dir: Path, ctx, model: torch.nn.Module, base=None) -> None:
+    """This rank's slices of the checkpoint's weights (call before deepspeed.initialize). `base(model)`, for a
+    trained-only copy, first fills the whole model (the frozen base); the copy then overwrites what it holds."""
     from ofa_scale.parallel.canonical import load_model_weights
     from ofa_scale.parallel.canonical_store import MODEL, CanonicalReader
 
-    load_model_weights(ctx, model, CanonicalReader(canonical_dir(tag_dir)).view(MODEL))
+    weights = CanonicalReader(canonical_dir(tag_dir)).view(MODEL)
+    if base is not None:
+        base(model)
+        held = set(weights.names())
+        model = _Subset(model, lambda name, _: name in held)
+    load_model_weights(ctx, model, weights)
 
 
 def load_canonical_optimizer(tag_dir: Path, ctx, engine, lr_scheduler) -> None:
@@ -82,7 +111,10 @@ def load_canonical_optimizer(tag_dir: Path, ctx, engine, lr_scheduler) -> None:
 
     reader = CanonicalReader(canonical_dir(tag_dir))
     meta = reader.meta
-    load_optimizer_state(ctx, _EngineView(engine), reader, meta["optimizer_step"])
+    view = _EngineView(engine)
+    if meta["extra"].get("trained_only"):  # frozen parameters have no moments
+        view.module = _Subset(view.module, lambda _, p: p.requires_grad)
+    load_optimizer_state(ctx, view, reader, meta["optimizer_step"])
     schedule_step = int(meta["extra"]["lr_schedule_step"])
     # LambdaLR: lr = base_lr × λ(step); set the position and every group's lr to what step() would have left
     lr_scheduler.last_epoch = schedule_step

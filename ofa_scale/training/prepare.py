@@ -5,7 +5,9 @@ checkpointing, compilation, device.
 
 1. **Build** this rank's module under the layout (ctx.build_model: the tensor-parallel shard, or for pp > 1 the
    pipeline module): on the meta device (nothing allocated, no random draws), or under `deepspeed.zero.Init` for
-   ZeRO-3 (each parameter partitioned over the data-parallel ranks as soon as its module exists).
+   ZeRO-3 (each parameter partitioned over the data-parallel ranks as soon as its module exists). A pipeline
+   stage carves a meta model and allocates only its own layers, already filled with the initial weights
+   (parallel/pipeline.py).
 2. **Materialise** it on the CPU (`to_empty`) and **fill** every parameter and BatchNorm statistic: by default
    with the layout-independent initial weights of `ofa_scale/model/init.py`, one full tensor at a time, each rank
    keeping only its slice, so every layout starts from exactly the single-process model's weights while no rank
@@ -18,6 +20,7 @@ checkpointing, compilation, device.
    the pipeline builder checkpoints its layers).
 5. **Compilation** (`train.compile`, `train.channels_last`): per layer and for the ResNet stem.
 6. **Device**: the accelerator, so DeepSpeed's ZeRO-3 partitioning happens there.
+7. **Trim**: the memory the build freed goes back to the OS (utils/malloc.py).
 
 ZeRO-3 needs no registration: the model calls every table it uses as a module (docs/interfaces.md §5), so
 DeepSpeed's module hooks gather each parameter exactly when its owner runs.
@@ -33,6 +36,7 @@ import torch
 from torch import nn
 
 from ofa_scale.errors import ConfigError
+from ofa_scale.utils.malloc import release_free_memory
 
 CHECKPOINTED = "_ofa_checkpointed"
 
@@ -51,7 +55,8 @@ def build_module(ctx, model_config, *, pipeline_loss: Optional[Callable] = None,
       submodule's parameters over the data-parallel ranks as soon as it is constructed, so no rank ever holds the
       whole model; the weights are then written partition by partition (`zero3_params.write_local`).
     * pp > 1: a DeepSpeed PipelineModule moves its layers to the device and broadcasts the tied weights while it is
-      constructed, which meta tensors cannot do, so pipeline stages are built allocated.
+      constructed, which meta tensors cannot do, so each stage allocates its own layers as DeepSpeed builds them
+      (from a meta model) and writes the initial weights of `pipeline_shapes["seed"]` into them.
     * otherwise on the meta device, then allocated for this rank's tensor-parallel shard only."""
     if zero_init is not None:
         import deepspeed
@@ -69,29 +74,16 @@ def build_module(ctx, model_config, *, pipeline_loss: Optional[Callable] = None,
 def materialise(ctx, module: nn.Module, model_config, seed: int, is_meta: bool,
                 fill: Optional[Callable[[nn.Module], None]] = None) -> nn.Module:
     """Allocate a meta module on the CPU and write its weights (the initial ones unless `fill` is given)."""
-    from ofa_scale.model.decoder import OFADecoder
-    from ofa_scale.model.encoder import OFAEncoder
     from ofa_scale.model.init import InitialWeights
+    from ofa_scale.parallel.allocate import allocate
     from ofa_scale.parallel.canonical import load_model_weights
 
     if is_meta:
-        # to_empty gives every module new Parameter objects: the attributes megatron-core and our TP marking put on
-        # parameters (tensor_model_parallel, partition_dim, …, which DeepSpeed's gradient norm reads) would be
-        # lost, and the shared embedding would be untied from the output projection that reads it
-        marks = {name: dict(vars(p)) for name, p in module.named_parameters()}
-        module.to_empty(device="cpu")
-        module.tie_embeddings()
-        for name, p in module.named_parameters():
-            for attr, value in marks.get(name, {}).items():
-                setattr(p, attr, value)
+        allocate(module)
     if fill is not None:
         fill(module)
-    else:
+    elif getattr(module, "initial_weights_seed", None) != seed:  # a pipeline stage wrote them while being built
         load_model_weights(ctx, module, InitialWeights(model_config, seed))
-    if is_meta:
-        for sub in module.modules():  # index tables are functions of the config, never weights
-            if isinstance(sub, (OFAEncoder, OFADecoder)):
-                sub.reset_index_buffers()
     return module
 
 
@@ -162,4 +154,5 @@ def prepare_model(cfg, ctx, model_config, *, seed: int, device: torch.device, dt
         module.to(device)
     if dtype != torch.float32:  # DeepSpeed casts parameters only; BatchNorm statistics must follow
         module.to(dtype)
+    release_free_memory()  # the build's freed temporaries (initial-weight tensors, TP slices) stay resident otherwise
     return module

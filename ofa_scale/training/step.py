@@ -13,6 +13,9 @@ its floor((1 − r)·N) smallest token losses (TokenLosses.drop_worst), and the 
 tokens, so the loss stays independent of the data-parallel size. The trainer passes
 `cfg.objectives.drop_worst_ratio_at(step − 1)` (fairseq's update_num counts the updates finished before this one),
 which is 0 until OFA's `drop_worst_after`.
+
+MuE (`LossSettings.all_layers`, set from model.overrides.mue): the model returns every decoder layer's logits and
+the micro-batch loss is summed over them (objectives/mue_loss.py); the denominators are unchanged.
 """
 
 from __future__ import annotations
@@ -52,6 +55,8 @@ class LossSettings:
     pad: int
     per_group: bool  # OFA-style: each group normalised by its own token count; else one global count
     log_end: Optional[float] = None  # objectives.loss=encouraging: the Encouraging Loss' log_end; None = CE
+    # MuE (model.overrides.mue; objectives/mue_loss.py): the loss summed over every decoder layer's logits
+    all_layers: bool = False
 
     @property
     def normalization(self) -> Normalization:
@@ -82,10 +87,15 @@ def run_step(engine, ctx, micro_batches: Sequence[MicroBatch], groups: Sequence[
     gas = len(micro_batches)
     token_loss = make_token_loss(ctx, loss.epsilon, loss.pad, log_end=loss.log_end)
     denom = step_denominators(ctx, micro_batches, groups, loss, drop_worst_ratio)
+    loss_fn = micro_batch_loss
+    if loss.all_layers:  # --- MuE: every decoder layer's logits, the loss summed over them
+        from ofa_scale.objectives.mue_loss import all_layer_inputs, all_layer_loss
+
+        to_inputs, loss_fn = all_layer_inputs(to_inputs), all_layer_loss
     for m, mb in enumerate(micro_batches):
         present = [g for g in groups if g in mb]
         logits = engine({g: to_inputs(g, mb[g], m) for g in present})
-        total, token_losses = micro_batch_loss(token_loss, logits, mb, denom, drop_worst_ratio=drop_worst_ratio)
+        total, token_losses = loss_fn(token_loss, logits, mb, denom, drop_worst_ratio=drop_worst_ratio)
         for g, tl in token_losses.items():
             record_group(acc, mb[g], tl, loss.pad)
         acc.add_objective(float(total.detach()))

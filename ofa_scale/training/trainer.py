@@ -43,6 +43,7 @@ from ofa_scale.training.run_dir import RunDir, open_run_dir
 from ofa_scale.training.stop import StopRequest
 from ofa_scale.training.zero3_master import share_fp32_master
 from ofa_scale.utils.config import flatten
+from ofa_scale.utils.malloc import release_free_memory
 
 class NonFiniteTraining(UserError):
     """The run produced too many non-finite steps in a row."""
@@ -130,6 +131,14 @@ class Trainer:
     def evaluation_due(self, step: int) -> bool:
         return False
 
+    # Checkpoints hold only the parameters that train (DeepSpeed's files and the layout-free copy); the frozen rest
+    # is rebuilt from model.pretrained on a resume, through `load_pretrained`. Prompt tuning sets it.
+    trained_only = False
+
+    def load_pretrained(self, model: torch.nn.Module) -> None:
+        """model.pretrained's weights into the freshly built model (also under a trained-only checkpoint's)."""
+        self.workload.load_pretrained_into(model, self.ctx)
+
     def forward_backward(self, step: int, micro_batches: list, to_inputs, acc: TaskAccumulator) -> None:
         """Forward, loss, backward and engine.step() over this rank's micro-batches of one update (pp = 1)."""
         from ofa_scale.training.step import run_step
@@ -187,13 +196,16 @@ class Trainer:
         cfg, ctx, layout, point, workload = self.cfg, self.ctx, self.layout, self.point, self.workload
         self.loss_settings = LossSettings(epsilon=cfg.objectives.label_smoothing, pad=workload.pad,
                                           per_group=cfg.objectives.loss_normalization == "per_group",
-                                          log_end=cfg.objectives.encouraging_log_end)
+                                          log_end=cfg.objectives.encouraging_log_end,
+                                          all_layers=workload.model_config.mue)  # MuE's all-layer loss
         self.pipeline_loss = PipelineLoss(ctx, self.loss_settings) if layout.pp > 1 else None
         # DeepSpeed's own files resume the same layout exactly; another layout resumes from the layout-free copy
         self.from_canonical = point is not None and not self._same_layout(point)
         ds_config = build_ds_config(cfg, layout.dp, self.grad_accum, self.on_cpu)
-        fill = (lambda m: load_canonical_weights(point.tag_dir, ctx, m)) if self.from_canonical else None
-        pretrained = (lambda m: workload.load_pretrained_into(m, ctx)) if cfg.model.pretrained else None
+        pretrained = (lambda m: self.load_pretrained(m)) if cfg.model.pretrained else None
+        # a trained-only checkpoint (see `trained_only`) holds no frozen weights: they come from model.pretrained
+        base = pretrained if self.trained_only else None
+        fill = (lambda m: load_canonical_weights(point.tag_dir, ctx, m, base=base)) if self.from_canonical else None
         self.model = prepare_model(cfg, ctx, workload.model_config, seed=cfg.train.seed, device=self.device,
                                    dtype=self.dtype, fill=fill, pretrained=pretrained,
                                    pipeline_loss=self.pipeline_loss, pipeline_shapes=workload.pipeline_shapes(),
@@ -211,10 +223,12 @@ class Trainer:
             model=wrapped, model_parameters=[p for p in wrapped.parameters() if p.requires_grad], config=ds_config,
             lr_scheduler=scheduler_factory(schedule_from_config(cfg)), mpu=ctx.mpu if layout.pp == 1 else None)
         share_fp32_master(self.engine)  # before any load: the masters and parameters then hold the same values
+        release_free_memory()  # DeepSpeed copied every parameter into flat buffers and freed the originals
         if self.from_canonical:
             load_canonical_optimizer(point.tag_dir, ctx, self.engine, self.lr_scheduler)
         elif point is not None:
-            self.engine.load_checkpoint(str(self.run.checkpoints), tag=point.tag, load_module_strict=True,
+            self.engine.load_checkpoint(str(self.run.checkpoints), tag=point.tag,
+                                        load_module_strict=not self.trained_only,
                                         load_optimizer_states=True, load_lr_scheduler_states=True)
         if point is not None:
             self._apply_current_schedule()
@@ -370,7 +384,8 @@ class Trainer:
         }
         tag_dir = save_checkpoint(
             self.engine, self.run.checkpoints, step, self.rank, self.rank_state(), record,
-            keep=self.cfg.train.keep_checkpoints, write_extra=lambda d: self.write_checkpoint_extra(d, step))
+            keep=self.cfg.train.keep_checkpoints, write_extra=lambda d: self.write_checkpoint_extra(d, step),
+            trained_only=self.trained_only)
         if self.is_main:
             print(f"ofa-train: checkpoint {tag_dir}", flush=True)
         return tag_dir
@@ -383,7 +398,8 @@ class Trainer:
         """Collective: files added to a checkpoint before it is published (the layout-free copy)."""
         from ofa_scale.training.layout_resume import write_canonical
 
-        write_canonical(self.ctx, self.engine, tag_dir, self.workload.model_config, step, self.lr_scheduler)
+        write_canonical(self.ctx, self.engine, tag_dir, self.workload.model_config, step, self.lr_scheduler,
+                        trained_only=self.trained_only)
 
     # ---- the loop --------------------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:

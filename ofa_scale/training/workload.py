@@ -184,7 +184,8 @@ def load_pretrained_weights(model: torch.nn.Module, path: str, model_config, ctx
     else:
         source = load_pretrained(path, vocab_size=model_config.vocab_size)
     theirs = source.config
-    for name in ("d_model", "ffn_dim", "heads", "encoder_layers", "decoder_layers", "resnet"):
+    resnet = ("resnet",) if model_config.image_stem == "resnet" else ()  # a ViT-stem model has no ResNet depth
+    for name in ("d_model", "ffn_dim", "heads", "encoder_layers", "decoder_layers", "image_stem") + resnet:
         if getattr(theirs, name) != getattr(model_config, name):
             raise ConfigError(f"model.pretrained {path} has {name}={getattr(theirs, name)} but model.arch "
                               f"{model_config.arch} has {getattr(model_config, name)}; use the checkpoint's "

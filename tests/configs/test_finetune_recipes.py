@@ -66,6 +66,10 @@ SPEC = {
                               "acc@0.5"),
     "refcoco_bitfit_large": ("refcoco", 1e-4, 8 * 16 * 8, 16, 100, 0, 0.06, 0.1, 480, 0.2, GROUNDING_EVAL, "acc@0.5"),
     "snli_ve_prefix_large": ("snli_ve", 0.03, 8 * 4 * 8, 4, 6, 0, 0.06, 0.0, 480, 0.2, ALLCAND, "accuracy"),
+    # MuE (spec-ext §10.7.3): train_caption_stage1_base_MuE.sh (4 GPUs x 2 x 4) and train_snli_ve_base_MuE.sh
+    # (2 GPUs x 4 x 8); the decomposed encoder and the all-layer loss are checked in tests/model/test_early_exit_mue.py
+    "caption_stage1_base_mue": ("caption", 1e-5, 4 * 2 * 4, 2, 5, 0, 0.06, 0.1, 480, 0.1, CAPTION_EVAL, "cider"),
+    "snli_ve_base_mue": ("snli_ve", 5e-5, 2 * 4 * 8, 4, 5, 0, 0.06, 0.0, 480, 0.1, ALLCAND, "accuracy"),
 }
 # prompt-tuning recipes: model.prompt_tuning (kind, prefix length, adapter width); every other recipe has kind none
 PROMPT = {"refcoco_prefix_large": ("prefix", 100, None), "snli_ve_prefix_large": ("prefix", 100, None),
@@ -84,8 +88,11 @@ def _load(name, *overrides):
 
 
 def test_the_recipe_set_is_the_issue_contract():
-    # the text-only recipes (glue_*, gigaword_*) are checked against OFA's values in test_text_recipes.py
-    names = {p.stem for p in FINETUNE.glob("*.yaml") if not p.stem.startswith(("glue_", "gigaword_"))}
+    # the text-only recipes (glue_*, gigaword_*) are checked against OFA's values in test_text_recipes.py,
+    # text-to-image (image_gen_*) in tests/finetune/test_image_gen_task.py, ImageNet (imagenet_*) in
+    # tests/finetune/test_imagenet_task.py
+    names = {p.stem for p in FINETUNE.glob("*.yaml")
+             if not p.stem.startswith(("glue_", "gigaword_", "image_gen_", "imagenet_"))}
     assert names >= {f"{t}_{s}" for t in ("caption_stage1", "caption_stage2", "vqa", "refcoco", "refcocoplus",
                                           "refcocog", "snli_ve") for s in ("base", "large")}
     assert names == set(SPEC)
@@ -95,7 +102,7 @@ def test_the_recipe_set_is_the_issue_contract():
 def test_recipe_has_ofas_hyper_parameters(name):
     task, lr, gbs, mbs, epochs, cap, warmup, ls, size, drop_path, decoding, best = SPEC[name]
     cfg = _load(name)
-    assert cfg.model.arch == "ofa_" + name.rsplit("_", 1)[1]
+    assert cfg.model.arch == "ofa_" + name.removesuffix("_mue").rsplit("_", 1)[1]
     assert cfg.model.pretrained  # a placeholder path the user overrides
     assert cfg.task.name == task and cfg.task.best_metric == best
     assert cfg.optim.lr == pytest.approx(lr)
@@ -191,7 +198,7 @@ def test_check_builds_every_recipe_for_8_ranks(name, sample_shards):
     from ofa_scale.training.check import check_config
 
     shards, answers = sample_shards
-    recipe = name.rsplit("_", 1)[0].removesuffix("_el")  # Encouraging Loss recipes read the same data
+    recipe = name.removesuffix("_mue").rsplit("_", 1)[0].removesuffix("_el")  # EL and MuE recipes: the same data
     data = shards[{"refcocoplus": "refcoco", "refcocog": "refcoco", "muge_caption": "caption_stage1",
                    "refcoco_cn": "refcoco", "refcoco_prefix": "refcoco", "refcoco_adapter": "refcoco",
                    "refcoco_bitfit": "refcoco", "snli_ve_prefix": "snli_ve"}.get(recipe, recipe)]

@@ -53,7 +53,10 @@ def collate(examples: list[dict], task_name: str, lengths: tuple[int, int], imag
                             sample_patch_num=0, random_augment=False)
     collator = Collator(ocfg, Composition.from_config(ocfg, len(examples)), vocab_size=vocab_size,
                         task_ids={task_name: 0})
-    return collator(examples)["vl"]
+    group = collator(examples)["vl"]
+    if "constraint_masks" in group:  # the batch holds them compact; these tests index the (B, T, V) mask
+        group["constraint_masks"] = group["constraint_masks"].dense()
+    return group
 
 
 def constrained_loss_gradient(constraint_masks: torch.Tensor, target: torch.Tensor, conf: torch.Tensor,

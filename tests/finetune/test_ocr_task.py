@@ -91,6 +91,8 @@ def test_ocr_resize_document_stacks_four_pieces_of_480():
 def test_text_is_normalised_lower_cased_and_truncated(bert, gpt2):
     zh = task_of(bert, max_tgt_length=4)  # the bert tokenizer: the Chinese branch
     assert zh.target_text("ＡＢ１２３４５") == "ab12"  # NFKC full-width → half-width, lower case, 4 characters
+    # zhconv traditional → simplified before NFKC (OFA's order): 圖書館 → 图书馆, the full-width Ｘ → x
+    assert task_of(bert, max_tgt_length=8).target_text("圖書館開門Ｘ") == "图书馆开门x"
     en = task_of(gpt2, language="en", max_tgt_length=2)
     assert en.target_text("  Red  Circle blue ") == "red circle"  # GPT-2 branch: first 2 words
     assert zh.lengths()[1] == 4 + 1 and en.lengths()[1] == 2 * 2 + 1

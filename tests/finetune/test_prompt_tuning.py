@@ -174,7 +174,6 @@ def test_model_overrides_and_refusals():
 
 @pytest.mark.parametrize("change,message", [
     ({"model.prompt_tuning.projection": "true"}, "projection"),
-    ({"train.ema_decay": "0.9"}, "ema_decay"),
     ({"model.pretrained": "null"}, "model.pretrained"),
     ({"train.freeze_resnet": "true"}, "redundant"),
 ])

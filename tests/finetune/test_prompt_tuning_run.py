@@ -1,9 +1,11 @@
 """Prefix tuning through the real trainer (`ofa-train`, the engine tests' fake caption task) on a saved base model:
-after the run every base weight and BatchNorm statistic in the checkpoint is bit-identical to the base and the
-prefix moved; each checkpoint carries a prompt checkpoint (the tuned tensors alone + the base's path and content
-hash) that rebuilds exactly the trained model and is refused, in one sentence, on a changed base; `ofa-eval run`
-evaluates a prompt-tuned run through it; a resume refuses a base that changed; and 2-rank ZeRO-3 and tp=2 runs
-follow the single process's loss trajectory and write the same prompt checkpoint (about 20 s each)."""
+every checkpoint holds the tuned parameters alone — no file of it (DeepSpeed's, the layout-free copy, the prompt
+checkpoint) holds a base tensor — plus the base's path and content hash, and the prefix moved; the prompt checkpoint
+rebuilds the trained model and is refused, in one sentence, on a changed base; `ofa-eval run` evaluates a
+prompt-tuned run through it; a resume rebuilds the base from its recorded path and continues exactly like the
+uninterrupted run (EMA of the prefix included), or refuses a base that changed; 2-rank ZeRO-3 and tp=2 runs,
+stopped and resumed, follow the single process's loss trajectory and write the same prompt checkpoint, and a ZeRO-3 checkpoint resumes under tp=2
+(about 20 s each)."""
 
 from __future__ import annotations
 
@@ -52,9 +54,53 @@ def last_tag(run):
     return run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
 
 
-def test_base_weights_are_bit_identical_and_the_prefix_moved(setup):
+def saved_tensors(tag_dir) -> dict[str, torch.Tensor]:
+    """Every tensor in every file of a checkpoint directory, by file and key path."""
     from safetensors.torch import load_file
 
+    found = {}
+
+    def walk(where, value):
+        if isinstance(value, torch.Tensor):
+            found[where] = value
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{where}/{k}", v)
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                walk(f"{where}/{i}", v)
+
+    for f in sorted(p for p in tag_dir.rglob("*") if p.is_file()):
+        rel = f.relative_to(tag_dir).as_posix()
+        if f.suffix == ".safetensors":
+            walk(rel, load_file(str(f)))
+        elif f.suffix == ".pt":
+            walk(rel, torch.load(f, map_location="cpu", weights_only=False))
+    return found
+
+
+def test_no_checkpoint_file_holds_a_base_tensor(setup):
+    """DeepSpeed's files, the layout-free copy and the prompt checkpoint: only the prefix (its fp32 value and Adam
+    moments), a few hundred numbers against the base's millions; the directory is a sliver of the base's size."""
+    from safetensors.torch import load_file
+
+    tag = last_tag(setup["run"])
+    base = load_file(str(setup["base"] / "model.safetensors"))
+    prompt_params = 4 * 2 * 32
+    tensors = saved_tensors(tag)
+    assert any(k.startswith("mp_rank_00_model_states.pt/module/") for k in tensors)
+    for key in tensors:
+        assert not any(key.endswith(name) for name in base), f"{key} is a base tensor"
+        if key.startswith("mp_rank_00_model_states.pt/module/") or key.endswith(".safetensors"):
+            assert ".prefix." in key, key
+    floats = sum(t.numel() for t in tensors.values() if t.is_floating_point())
+    # prompt/ (1) + canonical/ (value, 2 moments) + DeepSpeed (module, fp32 master, 2 moments), + Adam's step
+    assert floats <= 8 * prompt_params + 1 < sum(t.numel() for t in base.values()) // 1000
+    size = sum(f.stat().st_size for f in tag.rglob("*") if f.is_file())
+    assert size < (setup["base"] / "model.safetensors").stat().st_size // 100
+
+
+def test_the_checkpoint_holds_the_prefix_alone_and_it_moved(setup):
     from ofa_scale.model.init import InitialWeights
     from ofa_scale.parallel.canonical_store import MODEL, CanonicalReader
     from ofa_scale.training.config import load_training_config
@@ -62,22 +108,17 @@ def test_base_weights_are_bit_identical_and_the_prefix_moved(setup):
 
     metrics = read_metrics(setup["run"])
     assert [m["step"] for m in metrics] == [1, 2, 3, 4]
-    base = load_file(str(setup["base"] / "model.safetensors"))
     trained = CanonicalReader(last_tag(setup["run"]) / "canonical").view(MODEL)
-    names = set(trained.names())
-    prefix = {n for n in names if ".prefix." in n}
-    assert len(prefix) == 4 and names - prefix == set(base)  # ResNet BN statistics included
-    for name in names - prefix:
-        assert torch.equal(trained.read(name), base[name]), f"base {name} changed"
+    prefix = set(trained.names())
+    assert len(prefix) == 4 and all(".prefix." in n for n in prefix)
     cfg = load_training_config(setup["config"])
     _, model_config = tokenizer_and_model_config(cfg)
     initial = InitialWeights(model_config, cfg.train.seed)  # what the run built before loading the base
-    assert not torch.equal(initial["decoder.layers.0.fc1.weight"], base["decoder.layers.0.fc1.weight"])
     for name in prefix:
         assert not torch.equal(trained.read(name), initial[name]), f"{name} did not move"
 
 
-def test_the_prompt_checkpoint_holds_only_the_prefix_and_rebuilds_the_trained_model(setup):
+def test_the_prompt_checkpoint_holds_only_the_prefix_and_rebuilds_the_trained_model(setup, tmp_path):
     from ofa_scale.evaluation.model_source import load_eval_model
     from ofa_scale.finetune.prompt_checkpoint import content_hash, load_prompt_model, prompt_dir
 
@@ -87,11 +128,25 @@ def test_the_prompt_checkpoint_holds_only_the_prefix_and_rebuilds_the_trained_mo
     assert meta["base"]["path"] == str(setup["base"].resolve())
     assert meta["base"]["sha256"] == content_hash(setup["base"])
     assert (prompt_dir(tag) / "prompt.safetensors").stat().st_size < 4096
+    from safetensors.torch import load_file
+
+    from ofa_scale.parallel.canonical_store import MODEL, CanonicalReader
+
     rebuilt = load_prompt_model(tag).state_dict()
-    full = load_eval_model(tag).model.state_dict()  # the run's own full copy (canonical/)
-    assert set(rebuilt) == set(full)
-    for name, value in full.items():
-        assert torch.equal(rebuilt[name], value), name
+    assert load_eval_model(tag).description["kind"] == "prompt"  # a step dir is read through it too
+    trained = CanonicalReader(tag / "canonical").view(MODEL)
+    base = load_file(str(setup["base"] / "model.safetensors"))
+    for name, value in rebuilt.items():  # the base's tensors, then the trained ones over them
+        expected = trained.read(name) if name in trained else base.get(name)
+        if expected is not None:
+            assert torch.equal(value, expected), name
+    assert set(trained.names()) | set(base) <= set(rebuilt)
+    from ofa_scale.model.checkpoint import load_pretrained
+    from ofa_scale.parallel.export_cli import export
+
+    exported = load_pretrained(export(tag, tmp_path / "exported")).state_dict()  # ofa-convert export: base + prefix
+    for name, value in rebuilt.items():
+        assert torch.equal(exported[name], value), name
 
 
 def test_a_changed_base_is_refused_in_one_sentence(setup, tmp_path):
@@ -133,19 +188,79 @@ def test_ofa_eval_run_evaluates_the_prompt_checkpoint(setup, tmp_path):
         assert result[key] == pytest.approx(valid[f"valid/{key}"], rel=1e-6)
 
 
+def assert_follows(reference, run, rel=1e-5):
+    one, two = read_metrics(reference), read_metrics(run)
+    assert [m["step"] for m in two] == [m["step"] for m in one]
+    for a, b in zip(one, two):
+        if rel == 0:  # bit-identical
+            assert (b["loss"], b["grad_norm"]) == (a["loss"], a["grad_norm"]), a["step"]
+        assert b["loss"] == pytest.approx(a["loss"], rel=rel), a["step"]
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=10 * rel), a["step"]
+
+
+def test_a_resume_rebuilds_the_base_and_continues_exactly(setup, tmp_path):
+    """Stopped after update 2 of 4, resumed from the trained-only checkpoint: the same numbers as the
+    uninterrupted run (loader position, prefix, Adam moments, schedule and RNG came back; the base from its path)."""
+    run = tmp_path / "run"
+    launch("train", "--config", str(setup["config"]), "--run-dir", str(run), "--stop-after", "2")
+    assert [m["step"] for m in read_metrics(run)] == [1, 2]
+    proc = launch("train", "--config", str(setup["config"]), "--run-dir", str(run), "--resume")
+    assert f"on the frozen base {(setup['base']).resolve()}" in proc.stdout
+    assert_follows(setup["run"], run, rel=0)
+
+
+def test_ema_averages_the_prefix_alone_resumes_exactly_and_is_what_the_prompt_checkpoint_keeps(setup, tmp_path):
+    from safetensors.torch import load_file
+
+    from ofa_scale.parallel.canonical_store import MODEL, CanonicalReader
+
+    cfg = run_config(setup["root"], setup["train"], setup["valid"], setup["base"])
+    cfg["train"]["ema_decay"] = 0.5
+    config = write_config(tmp_path / "ema.yaml", cfg)
+    whole, run = tmp_path / "whole", tmp_path / "run"
+    launch("train", "--config", str(config), "--run-dir", str(whole))
+    launch("train", "--config", str(config), "--run-dir", str(run), "--stop-after", "2")
+    launch("train", "--config", str(config), "--run-dir", str(run), "--resume")
+    assert_follows(whole, run, rel=0)
+    for a, b in zip(read_metrics(whole), read_metrics(run)):  # validation on the EMA weights: they came back
+        assert {k: v for k, v in a.items() if k.startswith("valid/")} == \
+            {k: v for k, v in b.items() if k.startswith("valid/")}
+    tag = last_tag(run)
+    base = load_file(str(setup["base"] / "model.safetensors"))
+    tensors = saved_tensors(tag)
+    assert not [k for k in tensors if any(k.endswith(name) for name in base)]
+    assert sum(t.numel() for t in tensors.values() if t.is_floating_point()) <= 10 * 4 * 2 * 32 + 1
+    ema, live = (CanonicalReader(tag / d).view(MODEL) for d in ("ema", "canonical"))
+    stored = load_file(str(tag / "prompt" / "prompt.safetensors"))
+    assert set(stored) == set(ema.names()) == set(live.names()) and len(stored) == 4
+    for name, value in stored.items():
+        assert torch.equal(value, ema.read(name)) and not torch.equal(value, live.read(name)), name
+    assert json.loads((tag / "prompt" / "prompt.json").read_text())["weights"] == "ema"
+
+
 @pytest.mark.parametrize("name,nproc,parallel", [("zero3", 2, {"zero_stage": 3}), ("tp2", 2, {"tp": 2})])
 def test_two_rank_prompt_tuning_follows_the_single_process(setup, tmp_path, name, nproc, parallel):
+    """Stopped after update 2 and resumed from DeepSpeed's trained-only files under the same layout; the ZeRO-3
+    checkpoint of update 2 also resumes under tp=2 (through the trained-only layout-free copy)."""
     from safetensors.torch import load_file
 
     config = write_config(tmp_path / f"{name}.yaml",
                           run_config(setup["root"], setup["train"], setup["valid"], setup["base"], **parallel))
     run = tmp_path / name
-    launch("train", "--config", str(config), "--run-dir", str(run), nproc=nproc, timeout=600)
-    one, two = read_metrics(setup["run"]), read_metrics(run)
-    assert [m["step"] for m in two] == [m["step"] for m in one]
-    for a, b in zip(one, two):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-5), a["step"]
-        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4), a["step"]
+    launch("train", "--config", str(config), "--run-dir", str(run), "--stop-after", "2", nproc=nproc, timeout=600)
+    if name == "zero3":
+        moved = tmp_path / "zero3_to_tp2"
+        shutil.copytree(run, moved)
+    launch("train", "--config", str(config), "--run-dir", str(run), "--resume", nproc=nproc, timeout=600)
+    assert_follows(setup["run"], run)
+    tensors = saved_tensors(last_tag(run))  # every rank's files: still only the prefix's few hundred numbers
+    for key in tensors:
+        assert "module/" not in key or ".prefix." in key, key
+    assert sum(t.numel() for t in tensors.values() if t.is_floating_point()) <= 8 * 4 * 2 * 32 + nproc
+    if name == "zero3":
+        launch("train", "--config", str(config), "--run-dir", str(moved), "--resume", "--set", "parallel.tp=2",
+               "--set", "parallel.zero_stage=1", nproc=2, timeout=600)
+        assert_follows(setup["run"], moved)
     mine = load_file(str(last_tag(run) / "prompt" / "prompt.safetensors"))
     ref = load_file(str(last_tag(setup["run"]) / "prompt" / "prompt.safetensors"))
     assert set(mine) == set(ref)
@@ -194,13 +309,10 @@ def test_adapter_and_bitfit_runs_train_and_store_only_their_parameters(setup, tm
     initial = InitialWeights(tokenizer_and_model_config(loaded)[1], loaded.train.seed)
     tag = last_tag(run)
     trained = CanonicalReader(tag / "canonical").view(MODEL)
-    tuned = {n for n in trained.names() if trainable(n, prompt["kind"])}
+    tuned = {n for n in initial if trainable(n, prompt["kind"])}
     stored = load_file(str(tag / "prompt" / "prompt.safetensors"))
-    assert set(stored) == tuned and tuned
+    assert set(stored) == set(trained.names()) == tuned and tuned  # the layout-free copy holds them alone too
     for name in trained.names():
-        if name in tuned:
-            assert torch.equal(stored[name], trained.read(name))
-            start = base[name] if name in base else initial[name]  # adapters: their initial values
-            assert not torch.equal(trained.read(name), start), f"{name} did not move"
-        else:
-            assert torch.equal(trained.read(name), base[name]), f"base {name} changed"
+        assert torch.equal(stored[name], trained.read(name))
+        start = base[name] if name in base else initial[name]  # adapters: their initial values
+        assert not torch.equal(trained.read(name), start), f"{name} did not move"

@@ -75,7 +75,18 @@ CASES = {
 #   which constant it settled on: CIDEr 0.853 vs 0.729 with the GPT-2 BPE, 0.698 vs 0.729 with this tokenizer.
 # * refcoco: 200-300 updates from scratch at 64 px leave Acc@0.5 at 0.0 on the test split (degenerate boxes near
 #   the image centre, x0 = x1), which only ties the whole-image box's 0.0; grounding needs a pretrained model or
-#   far more updates than this test's budget.
+#   far more updates than this test's budget. 128-px images do not change it: 300 updates (loss 5.7 -> 4.4) keep
+#   Acc@0.5 at 0.0 on the test split and at every epoch's validation (32 distinct boxes of 57); 22 min on 1 thread
+#   on this loaded machine.
+# Why the caption model ignores the image (measured on these data, 256 training images, 300 updates, batch 8): the
+# image does reach the encoder (the ResNet's patch features differ across images, std 1.5 over images vs 2.3
+# overall; at initialisation swapping the images changes the logits by ~6%), and the targets differ (758 distinct
+# captions of 768), but the trained model's teacher-forced NLL is the same with each row's own image, another
+# row's image or a grey one (train split 1.082 / 1.083 / 1.084; test 1.066 / 1.073 / 1.076): it learns the
+# caption language first and no image dependence within this budget. Neither freezing the random ResNet (CIDEr
+# 0.904, 1 distinct caption), a lower learning rate (5e-4: 1.117, 5 distinct) nor dropout/drop-path 0 (NLL gap
+# ≤ 0.002 at 200 updates) changes that; the CIDEr against the constant caption (0.729) then depends on which
+# generic caption the model settles on (0.698-1.117 across these runs), so no assertion is made on it.
 
 
 def _run(cmd: list[str], log: Path, timeout: int = 1200) -> float:

@@ -158,12 +158,12 @@ def test_per_sample_exits_in_a_batch_match_one_at_a_time(model, batch):
         single = EarlyExitConfig(encoder=0.785, decoder=0.78, schedule=False)
         out, logits = _run(model, one, single, gen)
         singles.append(out[0])
-        enc_layers.append(single.stats.encoder_layers)
-        dec_layers.append(single.stats.decoder_layers)
+        enc_layers.append(single.stats.layers["encoder"])
+        dec_layers.append(single.stats.layers["decoder"])
         torch.testing.assert_close(logits[0], batched_logits[b], rtol=1e-4, atol=1e-4)
     assert len(set(enc_layers)) > 1  # the samples exit the encoder at different layers
-    assert together.encoder_layers == sum(enc_layers)
-    assert together.decoder_layers == sum(dec_layers)
+    assert together.layers["encoder"] == sum(enc_layers)
+    assert together.layers["decoder"] == sum(dec_layers)
     for hyps_b, hyps_1 in zip(batched, singles):
         assert [h.tokens.tolist() for h in hyps_b] == [h.tokens.tolist() for h in hyps_1]
         assert [h.score for h in hyps_b] == pytest.approx([h.score for h in hyps_1], abs=1e-4)
@@ -171,10 +171,14 @@ def test_per_sample_exits_in_a_batch_match_one_at_a_time(model, batch):
 
 def test_parse_and_validate():
     both = EarlyExitConfig.parse("0.95")
-    assert (both.encoder, both.decoder, both.schedule, both.kv_fill) == (0.95, 0.95, True, "copy")
+    assert (both.image, both.text, both.decoder, both.schedule, both.kv_fill) == (0.95, 0.95, 0.95, True, "copy")
     keyed = EarlyExitConfig.parse("encoder=0.99, decoder=0.7,schedule=off,kv_fill=hidden")
-    assert (keyed.encoder, keyed.decoder, keyed.schedule, keyed.kv_fill) == (0.99, 0.7, False, "hidden")
-    for bad in ("fast", "encoder=2", "depth=3", "kv_fill=zero", "schedule=maybe"):
+    assert (keyed.image, keyed.text, keyed.decoder, keyed.schedule, keyed.kv_fill) == (0.99, 0.99, 0.7, False,
+                                                                                         "hidden")
+    mue = EarlyExitConfig.parse("img=0.99,txt=0.7,decoder=0.9")  # MuE's caption evaluation (spec ext §10.7.4)
+    assert (mue.image, mue.text, mue.decoder) == (0.99, 0.7, 0.9)
+    assert EarlyExitConfig(encoder=0.5).image == EarlyExitConfig(encoder=0.5).text == 0.5
+    for bad in ("fast", "encoder=2", "img=1.5", "depth=3", "kv_fill=zero", "schedule=maybe"):
         with pytest.raises(ConfigError):
             EarlyExitConfig.parse(bad)
 
@@ -213,11 +217,23 @@ def test_ofa_eval_run_early_exit_records_the_layers_run(tmp_path, monkeypatch, c
     args = ["run", "--config", str(recipe), "--checkpoint", str(model_dir), "--data", str(valid)]
     assert main([*args, "--out", str(tmp_path / "out"), "--early-exit", "encoder=-1,decoder=-1,schedule=off"]) == 0
     recorded = json.loads((tmp_path / "out" / "metrics.json").read_text())["early_exit"]
-    assert recorded["encoder"] == -1.0 and recorded["schedule"] is False
+    assert recorded["image"] == recorded["text"] == -1.0 and recorded["schedule"] is False
     assert recorded["encoder_layers_mean"] == 1.0 and recorded["decoder_layers_mean"] == 1.0
     assert "early exit" in capsys.readouterr().out
     assert main([*args, "--out", str(tmp_path / "o2"), "--early-exit", "fast"]) == 2
     assert "--early-exit 'fast'" in capsys.readouterr().err
+    # a MuE recipe: its model.overrides.mue decomposes the checkpoint's encoder and its task.early_exit is the
+    # default (MuE's per-stream thresholds); --early-exit off evaluates the full model
+    cfg["model"]["overrides"]["mue"] = True
+    cfg["task"]["early_exit"] = "img=-1,txt=1,decoder=1"
+    recipe.write_text(yaml.safe_dump(cfg))
+    assert main([*args, "--out", str(tmp_path / "o3")]) == 0
+    recorded = json.loads((tmp_path / "o3" / "metrics.json").read_text())["early_exit"]
+    assert (recorded["image"], recorded["text"], recorded["decoder"]) == (-1.0, 1.0, 1.0)
+    assert recorded["image_layers_mean"] == 1.0 and recorded["text_layers_mean"] == 2.0
+    assert "encoder_layers_mean" not in recorded
+    assert main([*args, "--out", str(tmp_path / "o4"), "--early-exit", "off"]) == 0
+    assert "early_exit" not in json.loads((tmp_path / "o4" / "metrics.json").read_text())
 
 
 def test_ofa_predict_early_exit_reports_the_layers_run(bpe_dir, tmp_path, capsys):

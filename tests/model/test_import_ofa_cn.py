@@ -43,11 +43,8 @@ def work(tmp_path_factory):
     shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
-def cn_state():
-    """Every stored key of the shrunk OFA-CN architecture, fp16 (int64 BN counters), the embedding tied 3x."""
-    config = OFAConfig.preset("ofa_base", d_model=D, ffn_dim=64, heads=2, encoder_layers=1, decoder_layers=1,
-                              resnet="resnet50", vocab_size=CN_ROWS)
+def synthetic_state(config: OFAConfig) -> dict[str, torch.Tensor]:
+    """Every stored key of `config`'s model as OFA saves it: fp16 (int64 BN counters), the embedding tied 3x."""
     with torch.device("meta"):
         keys = canonical_keys(OFAModel(config))
     g = torch.Generator().manual_seed(0)
@@ -59,9 +56,17 @@ def cn_state():
             state[key] = (torch.rand(shape, generator=g) + 0.5).half()
         else:
             state[key] = (torch.randn(shape, generator=g) * 0.05).half()
-    assert state[EMBEDDING_KEY].shape == (CN_ROWS, D)
     for key in TIED_EMBEDDING_KEYS[1:]:
         state[key] = state[EMBEDDING_KEY]
+    return state
+
+
+@pytest.fixture(scope="module")
+def cn_state():
+    """The shrunk OFA-CN architecture's checkpoint tensors."""
+    state = synthetic_state(OFAConfig.preset("ofa_base", d_model=D, ffn_dim=64, heads=2, encoder_layers=1,
+                                             decoder_layers=1, resnet="resnet50", vocab_size=CN_ROWS))
+    assert state[EMBEDDING_KEY].shape == (CN_ROWS, D)
     return state
 
 

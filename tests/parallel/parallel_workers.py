@@ -258,6 +258,55 @@ def scenario_write_init(out: Path, p: dict) -> dict:
     return {"params": sum(t.numel() for t in model.parameters())}
 
 
+def _vm_kib(field: str) -> int:
+    import re
+
+    return int(re.search(rf"{field}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+
+
+def scenario_stage_build(out: Path, p: dict) -> dict:
+    """A pipeline rank builds only its own stage: the host memory the build adds at its peak (the kernel's
+    high-water mark, reset just before) against the bytes of the stage it keeps and of the whole model, and the
+    stage's values against the layout-independent initial weights the single process starts from."""
+    import itertools
+
+    import deepspeed.pipe  # noqa: F401  (imported before the measurement: imports are not the build)
+
+    import ofa_scale.parallel.pipeline  # noqa: F401
+    from ofa_scale.model import OFAModel
+    from ofa_scale.model.config import OFAConfig
+    from ofa_scale.model.init import InitialWeights
+    from ofa_scale.parallel import canonical
+    from ofa_scale.parallel.context import setup_parallel
+    from ofa_scale.parallel.layout import ParallelConfig, validate_layout
+    from ofa_scale.utils.malloc import release_free_memory
+
+    _, world = init_dist()
+    # wide layers, so that the parameters dominate what Python, gloo and DeepSpeed allocate on the way, and small
+    # image-position tables (at OFA's 42 buckets, computing them takes ~150 MB for a moment, whatever the model size)
+    cfg = OFAConfig(d_model=768, ffn_dim=3072, heads=12, encoder_layers=6, decoder_layers=6, vocab_size=VOCAB,
+                    resnet="resnet50", max_source_positions=64, max_target_positions=64, attention_impl="math",
+                    image_bucket_size=16, code_image_size=128)
+    layout = validate_layout(ParallelConfig(pp=world, partition="explicit", stage_layers=p["stage_layers"]), cfg,
+                             world)
+    ctx = setup_parallel(layout)
+    release_free_memory()
+    before = _vm_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
+    model = ctx.build_model(cfg, OFAModel, seed=p["seed"], image_size=IMAGE, src_len=SRC, tgt_len=TGT)
+    peak = (_vm_kib("VmHWM") - before) * 1024
+
+    def nbytes(module):
+        return sum(t.numel() * t.element_size() for t in itertools.chain(module.parameters(), module.buffers()))
+
+    with torch.device("meta"):
+        whole = nbytes(OFAModel(cfg))
+    initial = InitialWeights(cfg, p["seed"])
+    named = list(canonical.named_parameters(model)) + list(canonical.named_statistics(model))
+    return {"peak": peak, "stage": nbytes(model), "whole": whole, "names": [n for n, _ in named],
+            "initial": all(torch.equal(t, initial[n]) for n, t in named), "all_names": list(initial)}
+
+
 def main():
     scenario, out, params = sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3])
     torch.set_num_threads(1)

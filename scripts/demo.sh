@@ -21,7 +21,9 @@ if [ -e "$DEMO_DIR" ]; then
 fi
 
 step "1/5 sample corpus: $DEMO_ROWS image-text rows plus text, image-infilling and detection rows"
-"$PY" -m ofa_scale.cli.preprocess sample --out "$DATA/corpus" --rows "$DEMO_ROWS"
+# pretraining only: no text-only, OCR or text-to-image finetuning files (make demo-finetune writes its own)
+"$PY" -m ofa_scale.cli.preprocess sample --out "$DATA/corpus" --rows "$DEMO_ROWS" --text-rows 0 --ocr-font none \
+  --image-gen-rows 0
 
 step "2/5 shards (webdataset) with manifest and rejects"
 "$PY" -m ofa_scale.cli.preprocess shards \
@@ -44,7 +46,8 @@ step "training summary ($(( $(date +%s) - start )) s so far)"
 "$PY" -m ofa_scale.training.summary "$DEMO_DIR" --window 15
 
 step "5/5 evaluation: generate on held-out rows (a fresh seed) and score captions, VQA and grounding"
-"$PY" -m ofa_scale.cli.preprocess sample --out "$DATA/heldout_corpus" --rows 120 --seed 99 --finetune-images 0
+"$PY" -m ofa_scale.cli.preprocess sample --out "$DATA/heldout_corpus" --rows 120 --seed 99 --finetune-images 0 \
+  --text-rows 0 --ocr-font none --image-gen-rows 0
 # VQA answers come from a candidate file built from training questions only (never from the evaluated references)
 "$PY" -m ofa_scale.cli.preprocess vqa-answers --input "$DATA/corpus/finetune/vqa_train.tsv" --out "$DATA/vqa_answers.txt"
 "$PY" -m ofa_scale.cli.preprocess shards --vl "$DATA/heldout_corpus/vision_language_examples.tsv" \

@@ -8,15 +8,20 @@ Each rank runs under `/usr/bin/time`, so the figure is the kernel's peak RSS of 
 being measured reports itself (`--repo` measures another checkout with the same virtualenv, e.g. the previous
 commit; `--template` measures DeepSpeed templates side by side, e.g. a copy of the old `ds_configs/zero3.json`
 against the current one; `default` is the checkout's own template). Activations are kept negligible — image-text
-rows only, micro-batch 2, 64-px images, no loader workers — so the peak is the model states plus what the framework adds. The table gives the largest and smallest rank's peak,
-the model states' size (fp32 weights + gradients + two Adam moments) and their ratio.
+rows only, micro-batch 2, 64-px images, no loader workers — so the peak is the model states plus what the framework
+adds. The table gives the largest and smallest rank's peak, the model states' size (fp32 weights + gradients + two
+Adam moments) and their ratio, how far n ranks are above 1/n of the 1-rank peak (the goal: a fixed overhead, about
+the ~0.8 GiB a process holds after its imports), and what the memory costs in time: the CPU seconds (user + system,
+all ranks, start-up included) and the median step time (wall clock, so only comparable on a quiet machine).
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -43,13 +48,14 @@ def config(arch: str, data: str, tokenizer: str, zero: int, template: str | None
     return cfg
 
 
-def measure(repo: Path, cfg: dict, ranks: int, work: Path) -> list[float]:
+def measure(repo: Path, cfg: dict, ranks: int, work: Path) -> tuple[list[float], float, float]:
+    """(peak RSS GiB per rank, CPU seconds of all ranks, median step seconds)."""
     work.mkdir(parents=True, exist_ok=True)
     path = work / "config.yaml"
     path.write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1"}
-    wrapper = (f'exec /usr/bin/time -f "%M" -o {work}/rss_${{LOCAL_RANK:-0}} {sys.executable} -m ofa_scale.train '
-               f'--config {path} --run-dir {work}/run')
+    wrapper = (f'exec /usr/bin/time -f "%M %U %S" -o {work}/rss_${{LOCAL_RANK:-0}} {sys.executable} '
+               f'-m ofa_scale.train --config {path} --run-dir {work}/run')
     if ranks == 1:
         cmd = ["bash", "-c", wrapper]
     else:
@@ -58,7 +64,13 @@ def measure(repo: Path, cfg: dict, ranks: int, work: Path) -> list[float]:
     proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"run failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    return [int((work / f"rss_{r}").read_text().split()[-1]) / (1 << 20) for r in range(ranks)]
+    peaks, cpu = [], 0.0
+    for r in range(ranks):
+        kib, user, system = (work / f"rss_{r}").read_text().split()[-3:]
+        peaks.append(int(kib) / (1 << 20))
+        cpu += float(user) + float(system)
+    records = [json.loads(line) for line in (work / "run" / "metrics.jsonl").read_text().splitlines()]
+    return peaks, cpu, statistics.median(r["step_time_s"] for r in records)
 
 
 def model_state_gib(arch: str, vocab: int) -> float:
@@ -91,19 +103,21 @@ def main() -> None:
                 cfg = config(arch, args.data, args.tokenizer, zero, None if template == "default" else template)
                 for ranks in args.ranks:
                     work = Path(tmp) / f"{arch}-z{zero}-{label.replace(':', '-')}-{ranks}"
-                    peaks = measure(Path(repo), cfg, ranks, work)
-                    rows.append((arch, zero, label, ranks, max(peaks), min(peaks), states))
+                    peaks, cpu, step = measure(Path(repo), cfg, ranks, work)
+                    rows.append((arch, zero, label, ranks, max(peaks), min(peaks), states, cpu, step))
                     print(f"measured {rows[-1]}", file=sys.stderr, flush=True)
     print("| model | ZeRO | checkout | ranks | peak RSS, largest rank GiB | smallest rank GiB | "
-          "model states GiB (1 rank) | largest / states | vs 1 rank |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "model states GiB (1 rank) | largest / states | vs 1 rank | above 1 rank / ranks GiB | CPU s, all ranks | "
+          "median step s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     one = {}
-    for arch, zero, repo, ranks, hi, lo, states in rows:
+    for arch, zero, repo, ranks, hi, lo, states, cpu, step in rows:
         if ranks == 1:
             one[(arch, zero, repo)] = hi
-        ratio = hi / one[(arch, zero, repo)] if (arch, zero, repo) in one else float("nan")
+        single = one.get((arch, zero, repo), float("nan"))
+        # the goal for n ranks: the 1-rank peak / n plus a fixed overhead (imports, buffers every rank holds)
         print(f"| {arch} | {zero} | {repo} | {ranks} | {hi:.2f} | {lo:.2f} | {states:.2f} | {hi / states:.2f} | "
-              f"{ratio:.2f} |")
+              f"{hi / single:.2f} | {hi - single / ranks:.2f} | {cpu:.0f} | {step:.2f} |")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ setting:
     python benchmarks/mue_early_exit.py                                    # finetune (reused in --work), measure
     python benchmarks/mue_early_exit.py --steps 300 --thresholds 0.9,0.8 --repeats 3
     python benchmarks/mue_early_exit.py --model RUN --tasks caption        # an existing run (no finetuning)
+    python benchmarks/mue_early_exit.py --size ofa_tiny --pretrained none  # OFA's ofa_tiny (4+4 layers) from scratch
 
 Settings per model: "recipe" = the recipe's `task.early_exit`, MuE's evaluation thresholds (spec ext §10.7.4:
 caption img 0.99 / txt 0.7 / decoder 0.9 with the decoder schedule; SNLI-VE img 0.7 / txt 0.99 / decoder 0.7,
@@ -58,9 +59,13 @@ SHARDS = {"caption": ["caption_stage1_train", "caption_val", "caption_test"],
           "snli_ve": ["snli_ve_train", "snli_ve_val", "snli_ve_test"],
           "vqa": ["vqa_train", "vqa_val", "vqa_test"]}
 TRAIN_SHARDS = {"caption": "caption_stage1_train", "snli_ve": "snli_ve_train", "vqa": "vqa_train"}
-# the demo's small OFA (scripts/demo_finetune.sh) and the demo tokenizer
-MODEL = ["model.arch=ofa_tiny", "model.overrides.d_model=128", "model.overrides.ffn_dim=256", "model.overrides.heads=4",
-         "model.overrides.encoder_layers=2", "model.overrides.decoder_layers=2", "precision=fp32"]
+# --size: the demo's small OFA (scripts/demo_finetune.sh: 2+2 layers, the default, finetuned from runs/demo), or
+# OFA's ofa_tiny preset as it is (d_model 256, 4+4 layers, ResNet-50), deep enough for exits to skip most of a stack
+SIZES = {"demo": ["model.arch=ofa_tiny", "model.overrides.d_model=128", "model.overrides.ffn_dim=256",
+                  "model.overrides.heads=4", "model.overrides.encoder_layers=2", "model.overrides.decoder_layers=2"],
+         "ofa_tiny": ["model.arch=ofa_tiny"]}
+# from scratch (--pretrained none) nothing is worth keeping in the token embeddings the recipes freeze
+FROM_SCRATCH = ["model.pretrained=null", "train.freeze_encoder_embedding=false", "train.freeze_decoder_embedding=false"]
 
 
 def sh(*args: str) -> None:
@@ -99,7 +104,8 @@ def finetune(args, task: str, recipe: str, run: Path, data: Path) -> Path:
     valid = SHARDS[task][1]
     cmd = [sys.executable, "-m", "ofa_scale.train", "--config", str(ROOT / "configs" / "finetune" / f"{recipe}.yaml"),
            "--run-dir", str(run)]
-    for kv in [*MODEL, *task_overrides(args, task, data), f"model.pretrained={args.pretrained}",
+    start_from = FROM_SCRATCH if args.pretrained == "none" else [f"model.pretrained={args.pretrained}"]
+    for kv in [*SIZES[args.size], "precision=fp32", *task_overrides(args, task, data), *start_from,
                f"data.train={data / TRAIN_SHARDS[task]}", f"data.valid={data / valid}", f"train.steps={args.steps}",
                "train.epochs=50", f"train.global_batch_size={args.batch}", f"train.micro_batch_size={args.batch}",
                f"optim.lr={args.lr}", "schedule.warmup_ratio=0.06", f"train.ckpt_interval={args.steps}",
@@ -177,7 +183,10 @@ def _cell(x) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=None, help="evaluate this run dir / model dir / .pt instead of finetuning")
-    p.add_argument("--pretrained", default=str(ROOT / "runs" / "demo"), help="what the finetunes start from")
+    p.add_argument("--pretrained", default=str(ROOT / "runs" / "demo"),
+                   help="what the finetunes start from (a run / model dir of --size's shape), or none: from scratch")
+    p.add_argument("--size", default="demo", choices=sorted(SIZES),
+                   help="the finetuned model: demo (2+2 layers, d_model 128) or ofa_tiny (4+4, d_model 256)")
     p.add_argument("--tokenizer", default=str(ROOT / "runs" / "demo" / "data" / "tokenizer"),
                    help="sentencepiece tokenizer dir (the demo's)")
     p.add_argument("--tasks", default="caption,snli_ve")
@@ -216,7 +225,8 @@ def main() -> int:
             recipe = MUE_RECIPES[task] if variant == "mue" else TASKS[task][0]
             run = finetune(args, task, recipe, work / "runs" / f"{task}_{variant}", data)
             rows += measure(args, task, variant, run, recipe, data, thresholds, device, dtype)
-    print(f"models: {args.model or f'{args.variants} finetunes of {args.pretrained} ({args.steps} updates)'}; "
+    models = args.model or f"{args.variants} {args.size} finetunes of {args.pretrained} ({args.steps} updates)"
+    print(f"models: {models}; "
           f"device {device} {args.dtype}, {args.threads} threads; {args.repeats} repeats (medians); "
           f"image {args.image_size}px")
     print("| task | model | exits | samples | image layers | text layers | encoder layers | decoder layers "

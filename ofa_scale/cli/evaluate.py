@@ -18,6 +18,8 @@ SUBCOMMANDS = {
     "cider-df": ("ofa_scale.evaluation.cider_df", "cache CIDEr-D document frequencies from reference captions"),
     "run": ("ofa_scale.finetune.eval_cli",
             "evaluate a finetuned checkpoint with its recipe's task and metrics (results.json, metrics.json)"),
+    "fid-stats": ("ofa_scale.evaluation.fid_stats_cli",
+                  "write OFA's gt_stat.npz (Inception mu/sigma) of a folder of reference images for FID"),
     "report": ("ofa_scale.evaluation.report", "draw a run's metrics.jsonl into PNGs and a markdown report"),
 }
 

@@ -462,6 +462,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "writes none; codes from --vqgan when given)")
     parser.add_argument("--image-gen-eval-rows", type=int, default=32, metavar="N",
                         help="rows of each held-out text-to-image split (val, test)")
+    parser.add_argument("--image-gen-code-size", type=int, default=256, metavar="S",
+                        help="text-to-image codes of the picture shrunk to SxS: (S/8)^2 codes (default 256: OFA's "
+                             "32x32; match task.extra.code_image_size)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -500,7 +503,8 @@ def run(args: argparse.Namespace) -> int:
         from ofa_scale.data.sample_image_gen import write_image_gen_corpus  # text-to-image (issue 11 §5)
 
         for path in write_image_gen_corpus(Path(args.out) / "image_gen", args.image_gen_rows,
-                                           args.image_gen_eval_rows, seed=args.seed, vqgan=args.vqgan).values():
+                                           args.image_gen_eval_rows, seed=args.seed, vqgan=args.vqgan,
+                                           code_image_size=args.image_gen_code_size).values():
             print(f"{path}: {sum(1 for _ in open(path, 'rb'))} rows")
     if args.text_rows:
         from ofa_scale.data.sample_text_tasks import write_text_corpus  # Gigaword and GLUE (issue 11)

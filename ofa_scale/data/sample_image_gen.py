@@ -6,7 +6,9 @@ and size, the centre 128×128, on a fixed grey with mild noise, so the caption a
 small enough for CPU tests can learn it. Without a VQGAN the codes come from the colour quantiser
 (`ColourCodec`, the same 13-bit colour bins as the pretraining corpus' image_examples stand-in, here on the whole
 image: 32×32 patches of 8×8 pixels), which can also turn codes back into pixels; with `--vqgan DIR` they are that
-VQGAN's codes.
+VQGAN's codes. `--image-gen-code-size S` (default 256, OFA's) codes the picture shrunk to S×S (area average): an
+(S/8)×(S/8) grid, for task.extra.code_image_size S (finetune/image_gen.py) — 128 gives 256 codes, which a CPU test
+can learn in minutes.
 
 `oracle` is the checker the generator's own truth allows: decode generated codes, find the dominant shape colour
 and the shape drawn in it, and compare both with the caption's words. Random codes score about 1/8 on colour
@@ -120,7 +122,7 @@ def _paint(draw: ImageDraw.ImageDraw, kind: str, box: tuple[int, int, int, int],
 
 
 def vqgan_code_fn(vqgan_dir: str | Path) -> Callable[[Image.Image], list[int]]:
-    """`f(256×256 PIL image) -> 1024 codes` with the VQGAN of `vqgan_dir`."""
+    """`f(S×S PIL image) -> (S/8)² codes` with the VQGAN of `vqgan_dir`."""
     from ofa_scale.vqgan.checkpoint import load_vqgan
 
     model = load_vqgan(vqgan_dir, device="cpu")
@@ -128,12 +130,17 @@ def vqgan_code_fn(vqgan_dir: str | Path) -> Callable[[Image.Image], list[int]]:
 
 
 def write_image_gen_corpus(out_dir: str | Path, rows: int, eval_rows: int, seed: int = 0,
-                           vqgan: Optional[str | Path] = None) -> dict[str, Path]:
-    """OUT/image_gen_{split}.tsv with `rows` training and `eval_rows` val/test rows; byte-identical for the same
-    arguments (and VQGAN)."""
+                           vqgan: Optional[str | Path] = None, code_image_size: int = IMAGE_SIZE
+                           ) -> dict[str, Path]:
+    """OUT/image_gen_{split}.tsv with `rows` training and `eval_rows` val/test rows, the codes of each picture
+    shrunk to `code_image_size` pixels; byte-identical for the same arguments (and VQGAN)."""
     for flag, n in (("--image-gen-rows", rows), ("--image-gen-eval-rows", eval_rows)):
         if not 1 <= n <= MAX_ROWS:
             raise UserError(f"{flag} must be between 1 and {MAX_ROWS} (got {n}).")
+    if not PATCH <= code_image_size <= IMAGE_SIZE or code_image_size % PATCH:
+        raise UserError(f"--image-gen-code-size must be a multiple of {PATCH} between {PATCH} and {IMAGE_SIZE} "
+                        f"(got {code_image_size}).")
+    grid = code_image_size // PATCH
     if vqgan is None:
         codec = ColourCodec()
         code_fn, note = (lambda img: codec.encode(np.asarray(img)[None]).reshape(-1).tolist()), "colour quantiser"
@@ -145,16 +152,19 @@ def write_image_gen_corpus(out_dir: str | Path, rows: int, eval_rows: int, seed:
         lines = []
         for i in range(n):
             row = make_row(split, i, seed)
-            codes = code_fn(row.image)
-            if len(codes) != GRID * GRID:
-                raise UserError(f"the VQGAN gives {len(codes)} codes for a {IMAGE_SIZE}x{IMAGE_SIZE} picture; "
-                                f"text-to-image rows need {GRID * GRID} (an f=8 VQGAN, as OFA's)")
+            image = row.image
+            if code_image_size != IMAGE_SIZE:
+                image = image.resize((code_image_size, code_image_size), Image.BOX)
+            codes = code_fn(image)
+            if len(codes) != grid * grid:
+                raise UserError(f"the VQGAN gives {len(codes)} codes for a {code_image_size}x{code_image_size} "
+                                f"picture; text-to-image rows need {grid * grid} (an f=8 VQGAN, as OFA's)")
             lines.append(f"{row.uid}\t{' '.join(map(str, codes))}\t{row.caption}")
         name = f"image_gen_{split}.tsv"
         atomic_write_bytes(out / name, ("\n".join(lines) + "\n").encode("utf-8"))
         paths[name], counts[name] = out / name, n
     atomic_write_json(out / "sample_image_gen.json", {"format_version": 1, "seed": seed, "codes": note,
-                                                      "rows": counts})
+                                                      "code_image_size": code_image_size, "rows": counts})
     return paths
 
 
@@ -167,13 +177,15 @@ def caption_words(caption: str) -> tuple[Optional[str], Optional[str]]:
     return colour, None if kind is None else (kind if kind in SHAPES else kind.rstrip("s"))
 
 
-def _patch_labels(image: np.ndarray) -> np.ndarray:
-    """(32, 32) palette index of each 8×8 patch; -1 where the patch is background (close to the median colour of
-    the patches outside BOX, where this world draws nothing) or near no palette colour."""
+def _patch_labels(image: np.ndarray, grid: int) -> np.ndarray:
+    """(grid, grid) palette index of each code patch; -1 where the patch is background (close to the median colour
+    of the patches outside BOX, where this world draws nothing) or near no palette colour."""
     arr = np.asarray(image, dtype=np.float64)
-    means = arr.reshape(GRID, PATCH, GRID, PATCH, 3).mean(axis=(1, 3))
-    outside = np.ones((GRID, GRID), dtype=bool)
-    outside[BOX[1] // PATCH:BOX[3] // PATCH, BOX[0] // PATCH:BOX[2] // PATCH] = False
+    patch = arr.shape[0] // grid
+    means = arr.reshape(grid, patch, grid, patch, 3).mean(axis=(1, 3))
+    inside = [v * grid // IMAGE_SIZE for v in BOX]
+    outside = np.ones((grid, grid), dtype=bool)
+    outside[inside[1]:inside[3], inside[0]:inside[2]] = False
     background = np.median(means[outside], axis=0)
     palette = np.asarray(list(COLOURS.values()), dtype=np.float64)
     dist = np.linalg.norm(means[:, :, None, :] - palette[None, None], axis=-1)
@@ -182,11 +194,13 @@ def _patch_labels(image: np.ndarray) -> np.ndarray:
     return np.where(keep, labels, -1)
 
 
-def _shape_mask(kind: str, box: tuple[int, int, int, int]) -> np.ndarray:
-    """(32, 32) bool: the patches at least half covered by `kind` drawn in `box` (pixels), as render draws it."""
+def _shape_mask(kind: str, box: tuple[int, int, int, int], grid: int) -> np.ndarray:
+    """(grid, grid) bool: the code patches at least half covered by `kind` drawn in `box` (pixels of the 256×256
+    picture), as render draws it."""
     img = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
     _paint(ImageDraw.Draw(img), kind, box, 255)
-    cover = np.asarray(img, dtype=np.float64).reshape(GRID, PATCH, GRID, PATCH).mean(axis=(1, 3)) / 255.0
+    block = IMAGE_SIZE // grid
+    cover = np.asarray(img, dtype=np.float64).reshape(grid, block, grid, block).mean(axis=(1, 3)) / 255.0
     return cover >= 0.5
 
 
@@ -196,19 +210,27 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def judge(image: np.ndarray) -> tuple[Optional[str], Optional[str]]:
-    """(dominant palette colour, best-matching shape) of a uint8 256×256×3 picture; None where there is none.
-    The shape is the template (drawn where this world draws, or in the colour region's bounding square) with
-    the highest IoU with the dominant colour's patches."""
-    labels = _patch_labels(image)
+    """(dominant palette colour, best-matching shape) of a uint8 square RGB picture decoded from codes (256×256
+    for OFA's 32×32 grid, 8 pixels per code); None where there is none. The shape is the template (drawn where
+    this world draws, or in the colour region's bounding square) with the highest IoU with the dominant colour's
+    patches, both on the picture's own code grid (side / 8: a smaller grid draws coarser outlines)."""
+    image = np.asarray(image)
+    side = image.shape[0]
+    if image.shape[:2] != (side, side) or side % PATCH or IMAGE_SIZE % (side // PATCH):
+        raise ValueError(f"the oracle judges square pictures of 8-pixel code patches whose grid divides "
+                         f"{IMAGE_SIZE // PATCH}, not {image.shape[:2]}")
+    grid = side // PATCH
+    labels = _patch_labels(image, grid)
     if not bool((labels >= 0).any()):
         return None, None
     index = int(np.bincount(labels[labels >= 0]).argmax())
     mask = labels == index
     ys, xs = np.nonzero(mask)
-    side = max(ys.max() - ys.min(), xs.max() - xs.min()) + 1  # shapes are drawn in square boxes
-    fitted = (int(xs.min()) * PATCH, int(ys.min()) * PATCH, int(xs.min() + side) * PATCH,
-              int(ys.min() + side) * PATCH)
-    ious = {kind: max(_iou(_shape_mask(kind, box), mask) for box in (BOX, fitted)) for kind in SHAPES}
+    extent = max(ys.max() - ys.min(), xs.max() - xs.min()) + 1  # shapes are drawn in square boxes
+    block = IMAGE_SIZE // grid  # a code patch's side in the 256×256 picture the templates are drawn in
+    fitted = (int(xs.min()) * block, int(ys.min()) * block, int(xs.min() + extent) * block,
+              int(ys.min() + extent) * block)
+    ious = {kind: max(_iou(_shape_mask(kind, box, grid), mask) for box in (BOX, fitted)) for kind in SHAPES}
     return list(COLOURS)[index], max(ious, key=ious.get)
 
 

@@ -135,6 +135,16 @@ def codes(n: int) -> Callable[[str], list[int]]:
     return parse
 
 
+def square_codes(s: str) -> list[int]:
+    """A square grid of codes: image_gen's 32x32 = 1024 of OFA's 256-px code images, or a smaller grid
+    (task.extra.code_image_size, finetune/image_gen.py)."""
+    vals = codes(len(s.split()))(s)
+    side = math.isqrt(len(vals))
+    if side < 1 or side * side != len(vals):
+        raise RowReject(BAD_CODES, f"{len(vals)} codes do not fill a square grid (OFA: 1024 = 32x32)")
+    return vals
+
+
 def detection_objects(s: str) -> list[dict[str, Any]]:
     """`x0,y0,x1,y1,cat_id,cat_name&&…`; split on the first 5 commas only (names may contain commas).
     As OFA's `process_detection`: the column and then each object are stripped before the split, so a category
@@ -287,8 +297,9 @@ FORMATS: dict[str, RowFormat] = {f.name: f for f in (
               description="OFA-OCR text recognition (spec §10.2.1): uniq-id, image, text"),
     RowFormat("imagenet", 3, (Column(1, "label_index", integer), Column(2, "class_name", required_text)),
               id_column=None, image_column=0, description="ImageNet-1K (spec §7.5)"),
-    RowFormat("image_gen", 3, (Column(1, "codes", codes(1024)), Column(2, "caption", required_text)),
-              description="text-to-image (spec §7.6): 1024 codes of a 256x256 image, no image column"),
+    RowFormat("image_gen", 3, (Column(1, "codes", square_codes), Column(2, "caption", required_text)),
+              description="text-to-image (spec §7.6): 1024 codes of a 256x256 image (or a smaller square grid), "
+                          "no image column"),
     RowFormat("gigaword", 2, (Column(0, "source", required_text), Column(1, "target", required_text)),
               id_column=None, description="Gigaword summarisation (spec §7.7)"),
     _glue("glue_cola", 3, [(1, "sentence"), (2, "label")], _YES_NO, "CoLA (spec §7.8, cols 1,2)"),

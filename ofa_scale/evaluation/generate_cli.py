@@ -30,8 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory")
     parser.add_argument("--batch-size", type=int, default=8, help="samples per generation batch")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    parser.add_argument("--tokenizer-kind", choices=TOKENIZER_KINDS, default="gpt2-bpe",
-                        help="tokenizer kind for model dirs / .pt files (run dirs name their own)")
+    # default None, not gpt2-bpe: a model dir records its kind (OFA-CN imports: bert), which load_eval_model reads
+    parser.add_argument("--tokenizer-kind", choices=TOKENIZER_KINDS, default=None,
+                        help="tokenizer kind for model dirs / .pt files (default: the kind the model dir recorded, "
+                             "else gpt2-bpe; run dirs name their own)")
     parser.add_argument("--tokenizer-path", default=None,
                         help="tokenizer directory for model dirs / .pt files (run dirs name their own)")
     parser.add_argument("--image-size", type=int, default=None, help="caption/VQA input size (default: the run's "

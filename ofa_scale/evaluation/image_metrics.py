@@ -235,11 +235,16 @@ def inception_scores(images: Sequence[Image.Image], inception_weights: Union[Pat
     return out
 
 
-def _open_images(folder: Path) -> Iterator[Image.Image]:
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+def reference_image_files(folder: PathLike) -> list[Path]:
+    """The .png/.jpg images under `folder` (recursively), sorted; UserError when there are none."""
+    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise UserError(f"FID reference folder {folder} holds no .png/.jpg images")
-    for p in files:
+    return files
+
+
+def _open_images(folder: Path) -> Iterator[Image.Image]:
+    for p in reference_image_files(folder):
         try:
             with Image.open(p) as im:
                 yield im.convert("RGB")
@@ -299,5 +304,5 @@ def evaluate_generated(sets: Sequence[Union[GeneratedSet, tuple]], out_dir: Path
 
 __all__ = ["Inception", "inception_pixels", "inception_score", "feature_statistics", "frechet_distance",
            "features_frechet_distance",
-           "reference_statistics", "save_reference_statistics", "inception_scores", "GeneratedSet",
-           "GeneratedEvaluation", "evaluate_generated"]
+           "reference_statistics", "reference_image_files", "save_reference_statistics", "inception_scores",
+           "GeneratedSet", "GeneratedEvaluation", "evaluate_generated"]

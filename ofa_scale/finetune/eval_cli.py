@@ -47,13 +47,11 @@ def run(args: argparse.Namespace) -> int:
     from ofa_scale.finetune.evaluate import evaluate, markdown_header, summary_line, write_outputs
     from ofa_scale.finetune.task import make_task
     from ofa_scale.model import early_exit
-    from ofa_scale.model.early_exit import EarlyExitConfig
     from ofa_scale.parallel import collectives
     from ofa_scale.training.config import load_training_config
 
     cfg = load_training_config(args.config, args.overrides)
-    spec = args.early_exit if args.early_exit is not None else cfg.task.early_exit  # MuE: the flag, else the recipe
-    exits = None if spec in (None, "off") else EarlyExitConfig.parse(spec)
+    exits = early_exit.resolve(args.early_exit, cfg.task.early_exit)  # MuE: the flag, else the recipe
     if not cfg.finetuning:
         raise UserError(f"{args.config} sets no task.name; `ofa-eval run` evaluates finetuning recipes "
                         f"(configs/finetune/*.yaml)")
@@ -72,8 +70,7 @@ def run(args: argparse.Namespace) -> int:
     dtype = torch.float32 if device.type == "cpu" else {"fp32": torch.float32, "bf16": torch.bfloat16,
                                                          "fp16": torch.float16}[cfg.precision]
     model = loaded.model.to(device=device, dtype=dtype).eval()
-    if "mue" in cfg.model.overrides:  # a MuE recipe runs any checkpoint with the decomposed encoder (no parameters)
-        model.config.mue = bool(cfg.model.overrides["mue"])
+    early_exit.use_recipe_encoder(model, cfg.model.overrides)  # a MuE recipe: the decomposed encoder
     early_exit.enable(model, exits)
     task = make_task(cfg.task, loaded.tokenizer)
     # every rank holds the whole model: forwards are not collective, so no lockstep is needed
@@ -126,6 +123,6 @@ def _load(checkpoint: str, cfg, use_ema: bool):
     from ofa_scale.evaluation.model_source import load_eval_model
     from ofa_scale.finetune.weights import load_run_eval_model, run_checkpoint
 
-    if run_checkpoint(checkpoint) is not None:
-        return load_run_eval_model(checkpoint, ema=use_ema)
+    if run_checkpoint(checkpoint) is not None:  # model.pretrained: a prompt-tuned run's copy of a moved base
+        return load_run_eval_model(checkpoint, ema=use_ema, base=cfg.model.pretrained)
     return load_eval_model(checkpoint, tokenizer_kind=cfg.data.tokenizer.kind, tokenizer_path=cfg.data.tokenizer.path)

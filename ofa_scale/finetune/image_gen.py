@@ -20,6 +20,11 @@ Records come from `ofa-preprocess shards --format image_gen` (data/tsv_formats.p
   the top-ranked sample) is always reported and is then the main metric. `fid` and `is` of the top-1 pictures
   (ofa-eval only, `final`) when `task.inception_weights` is given (`task.fid_reference`: the reference
   statistics for FID).
+* Code grid: `task.extra.code_image_size` (OFA's --code-image-size; default 256 = a 32×32 grid, 1024 codes) is the
+  picture side the codes describe, the grid its side / 8 (an f=8 VQGAN): 128 gives 16×16 = 256 codes, 64 gives 8×8.
+  It must equal `model.overrides.code_image_size` (the decoder's 2-D code positions; checked when the task
+  generates) and the records' code count (`ofa-preprocess sample --image-gen-code-size`). Smaller grids exist for
+  tests and small experiments: the sequence and the sampling loop shrink with the square of the grid.
 * Pictures: `task.vqgan` is the taming VQGAN directory that turns codes into pixels, or `colour` for the sample
   corpus' colour quantiser (data/sample_image_gen.py). `ofa-eval run` writes DIR/images/<id>_<rank>.png (best
   first; results.json lists them) and DIR/contact_sheet.png; the trainer writes the same under
@@ -43,10 +48,22 @@ from ofa_scale.finetune.task import EvalItem, Example, FinetuneTask, Lockstep
 from ofa_scale.finetune.text_inputs import NO_IMAGE, NO_IMAGE_SIZE, text_batch
 from ofa_scale.model.generate import GenerationConfig, generate, max_generation_len
 from ofa_scale.objectives.text import pre_caption
-from ofa_scale.predict.image_gen import GRID, NUM_CODES, PROMPT
+from ofa_scale.predict.image_gen import PROMPT
 
 CLIP_REWARD_WEIGHT = 2.5  # OFA's clip_scst_loss.py (CLIPScore's w)
 COLOUR_DECODER = "colour"  # task.vqgan value: the sample corpus' colour quantiser instead of a VQGAN
+CODE_IMAGE_SIZE = 256  # OFA's --code-image-size: 32x32 codes of an f=8 VQGAN
+VQGAN_FACTOR = 8  # pixels per code side (OFA's VQGAN, and the colour quantiser's patches)
+
+
+def code_grid(cfg) -> int:
+    """The code grid side of task.extra.code_image_size (module docstring); ConfigError when it is not a positive
+    multiple of 8."""
+    size = cfg.extra.get("code_image_size", CODE_IMAGE_SIZE)
+    if isinstance(size, bool) or not isinstance(size, int) or size < VQGAN_FACTOR or size % VQGAN_FACTOR:
+        raise ConfigError(f"task.extra.code_image_size is {size!r}; give the picture side the codes describe, a "
+                          f"positive multiple of {VQGAN_FACTOR} (OFA: {CODE_IMAGE_SIZE}, a 32x32 code grid)")
+    return size // VQGAN_FACTOR
 
 
 def load_image_decoder(spec: Optional[str], device: torch.device | str = "cpu"):
@@ -82,6 +99,11 @@ class ImageGenTask(FinetuneTask):
         if num_codes < 1:
             raise ConfigError("task image_gen needs a tokenizer with <code_i> tokens (OFA's 8192 image codes)")
         self.code_offset = int(tokenizer.code_offset)
+        unknown = sorted(set(cfg.extra) - {"code_image_size"})
+        if unknown:
+            raise ConfigError(f"task.extra has {unknown} for task image_gen; it knows only code_image_size")
+        self.grid = code_grid(cfg)
+        self.codes_per_image = self.grid * self.grid
         if cfg.clip_weights and not cfg.vqgan:
             raise ConfigError("task.clip_weights ranks pictures, so task image_gen also needs task.vqgan (the VQGAN "
                               "directory that turns codes into pixels, or `colour` for the sample quantiser)")
@@ -107,7 +129,7 @@ class ImageGenTask(FinetuneTask):
     def lengths(self) -> tuple[int, int]:
         from ofa_scale.finetune.inputs import TOKENS_PER_WORD
 
-        return self._prompt_len + TOKENS_PER_WORD * self.cfg.max_src_length + 2, NUM_CODES + 1
+        return self._prompt_len + TOKENS_PER_WORD * self.cfg.max_src_length + 2, self.codes_per_image + 1
 
     def caption_text(self, caption: str) -> str:
         return pre_caption(str(caption), self.cfg.max_src_length)
@@ -117,8 +139,10 @@ class ImageGenTask(FinetuneTask):
 
     def code_ids(self, codes: Sequence[int], record_id: Any) -> list[int]:
         codes = [int(c) for c in codes]
-        if len(codes) != NUM_CODES:
-            raise UserError(f"record {record_id!r} has {len(codes)} codes; text-to-image needs {NUM_CODES}")
+        if len(codes) != self.codes_per_image:
+            raise UserError(f"record {record_id!r} has {len(codes)} codes; text-to-image with "
+                            f"task.extra.code_image_size={self.grid * VQGAN_FACTOR} needs {self.codes_per_image} "
+                            f"({self.grid}x{self.grid})")
         bad = [c for c in codes if not 0 <= c < self.num_codes]
         if bad:
             raise UserError(f"record {record_id!r} has code {bad[0]} outside the {self.num_codes} codes of the "
@@ -151,10 +175,11 @@ class ImageGenTask(FinetuneTask):
                         decoder_prompt=[self.tok.bos], reference={"caption": text}, image_size=NO_IMAGE_SIZE)
 
     def generation_config(self, samples: int, nbest: Optional[int] = None) -> GenerationConfig:
-        """OFA's sampling preset: `samples` rows per caption, top-k, exactly 1024 codes then eos."""
+        """OFA's sampling preset: `samples` rows per caption, top-k, exactly the grid's codes (1024) then eos."""
         d = self.cfg.decoding
         cfg = GenerationConfig(beam_size=samples, sampling=True, sampling_topk=d.sampling_topk,
-                               temperature=d.temperature, min_len=NUM_CODES, max_len_a=0.0, max_len_b=NUM_CODES,
+                               temperature=d.temperature, min_len=self.codes_per_image, max_len_a=0.0,
+                               max_len_b=self.codes_per_image,
                                constraint_range=self.code_range, nbest=nbest)
         cfg.validate()
         return cfg
@@ -170,11 +195,11 @@ class ImageGenTask(FinetuneTask):
         return self._decoder
 
     def pictures(self, codes: torch.Tensor, device: torch.device | str = "cpu") -> list:
-        """PIL pictures of code rows (N, 1024)."""
+        """PIL pictures of code rows (N, grid²)."""
         from ofa_scale.vqgan.images import to_pil
 
         dec = self.decoder(device)
-        return to_pil(dec.decode(codes.long().to(device).view(-1, GRID, GRID)).cpu())
+        return to_pil(dec.decode(codes.long().to(device).view(-1, self.grid, self.grid)).cpu())
 
     def clip(self, device) -> Optional[Any]:
         """The CLIP scorer, or None (said once) when task.clip_weights is not set."""
@@ -192,9 +217,11 @@ class ImageGenTask(FinetuneTask):
         samples = self.cfg.decoding.beam
         cfg = self.generation_config(samples)
         batch = text_batch(items, self.tok.pad, device)
-        if max_generation_len(model, cfg, batch["src_tokens"].shape[1], True) < NUM_CODES:
+        self.check_model(model)
+        if max_generation_len(model, cfg, batch["src_tokens"].shape[1], True) < self.codes_per_image:
             raise UserError(f"the model decodes at most {max_generation_len(model, cfg, 1, True)} code tokens "
-                            f"(model.code_image_size / max_target_positions); text-to-image needs {NUM_CODES}")
+                            f"(model.code_image_size / max_target_positions); text-to-image needs "
+                            f"{self.codes_per_image}")
         batch["code_masks"] = torch.ones(len(items), dtype=torch.bool, device=device)
         # one seed per batch from its first caption's id: the same pictures for the same batch on every run
         seed = zlib.crc32(str(items[0].id).encode()) if items else 0
@@ -213,20 +240,29 @@ class ImageGenTask(FinetuneTask):
                         "clip": None if cosine is None else cosine[order].tolist()})
         return out
 
+    def check_model(self, model: torch.nn.Module) -> None:
+        """UserError unless the model's code grid is the task's: the decoder's 2-D code positions assume it."""
+        config = getattr(getattr(model, "module", model), "config", None)
+        grid = getattr(config, "code_grid_size", None)
+        if grid is not None and grid != self.grid:
+            raise UserError(f"the model's code grid is {grid}x{grid} (model.code_image_size {grid * VQGAN_FACTOR}) "
+                            f"but the task's is {self.grid}x{self.grid} (task.extra.code_image_size "
+                            f"{self.grid * VQGAN_FACTOR}); set both to the same value")
+
     def sample_codes(self, hyps) -> tuple[torch.Tensor, torch.Tensor]:
-        """(codes (N, 1024) int64, log-prob of the 1024 code tokens (N,)) of one caption's sampled hypotheses."""
+        """(codes (N, grid²) int64, log-prob of the code tokens (N,)) of one caption's sampled hypotheses."""
+        n = self.codes_per_image
         for h in hyps:  # the generation config guarantees this; a violation is a generation bug
-            if h.tokens.numel() != NUM_CODES + 1 or int(h.tokens[-1]) != self.tok.eos:
-                raise RuntimeError(f"image generation returned {h.tokens.numel()} tokens, not {NUM_CODES} codes "
-                                   f"+ eos")
-        tokens = torch.stack([h.tokens[:NUM_CODES] for h in hyps]).long()
-        logprob = torch.stack([h.positional_scores[:NUM_CODES].sum() for h in hyps]).float()
+            if h.tokens.numel() != n + 1 or int(h.tokens[-1]) != self.tok.eos:
+                raise RuntimeError(f"image generation returned {h.tokens.numel()} tokens, not {n} codes + eos")
+        tokens = torch.stack([h.tokens[:n] for h in hyps]).long()
+        logprob = torch.stack([h.positional_scores[:n].sum() for h in hyps]).float()
         return tokens - self.code_offset, logprob
 
     def score(self, predictions: Sequence[dict], items: Sequence[EvalItem], *, final: bool = False
               ) -> dict[str, float]:
         check_pairs(predictions, items)
-        out = {"code_logprob": float(np.mean([p["logprob"][0] / NUM_CODES for p in predictions]))}
+        out = {"code_logprob": float(np.mean([p["logprob"][0] / self.codes_per_image for p in predictions]))}
         if all(p.get("clip") for p in predictions):
             out["clip_score"] = float(np.mean([p["clip"][0] for p in predictions]))
         if final and self.cfg.inception_weights:
@@ -262,7 +298,7 @@ class ImageGenTask(FinetuneTask):
             paths = write_ranked_pngs(pictures, out / "images", p["id"])
             p["images"] = [x.relative_to(out).as_posix() for x in paths]  # relative to results.json's folder
             labels = ([f"clip {c:.3f}" for c in p["clip"]] if p.get("clip")
-                      else [f"logp {lp / NUM_CODES:.2f}" for lp in p["logprob"]])
+                      else [f"logp {lp / self.codes_per_image:.2f}" for lp in p["logprob"]])
             sheet.add(item.reference["caption"], pictures, labels)
             written += paths
         if sheet.rows:
@@ -286,7 +322,8 @@ class ImageGenTask(FinetuneTask):
         self.decoder(device)  # fail before the first step when task.vqgan is missing
         settings = ScstSettings(generation=self.generation_config(self.cfg.scst.beam),
                                 constraint_range=self.code_range)
-        return settings, reward, lambda tokens: self.pictures(tokens[:NUM_CODES].view(1, -1) - self.code_offset,
+        n = self.codes_per_image
+        return settings, reward, lambda tokens: self.pictures(tokens[:n].view(1, -1) - self.code_offset,
                                                              device)[0]
 
 
@@ -301,4 +338,4 @@ class ClipReward:
         return CLIP_REWARD_WEIGHT * torch.as_tensor(cosine, dtype=torch.float64).cpu().numpy()
 
 
-__all__ = ["ImageGenTask", "ClipReward", "load_image_decoder", "CLIP_REWARD_WEIGHT", "COLOUR_DECODER"]
+__all__ = ["ImageGenTask", "ClipReward", "load_image_decoder", "CLIP_REWARD_WEIGHT", "COLOUR_DECODER", "code_grid"]

@@ -10,8 +10,10 @@ either (the trainer's `trained_only`): DeepSpeed's files and the layout-free cop
 Adam moments, the schedule, step, loader position and RNG, and a resume rebuilds the frozen base from the path the
 run recorded, after its hash matched (`agreed_base`). `ofa-eval run`, `ofa-predict` and `ofa-convert export` load
 a prompt-tuned checkpoint through it (finetune/weights.py): the base model is read from its recorded path, and only
-after its content hash matches; a base that changed since training is refused in one sentence, since the tuned
-parameters are only meaningful on the exact weights they were trained against.
+after its content hash matches; a base that moved or changed since training is replaced by an identical copy the
+user names (`--set model.pretrained=PATH`; ofa-predict `--base-model PATH`) when its content hashes the same, and
+refused in one sentence otherwise, since the tuned parameters are only meaningful on the exact weights they were
+trained against.
 
 The content hash is SHA-256 over the base's files: the .pt file itself, or every file of an ofa-convert model
 directory, or of the checkpoint an ofa-train run resolved to (its best, else latest, when training started), by
@@ -66,35 +68,51 @@ def base_reference(path: str | Path) -> dict[str, str]:
     return {"path": str(Path(path).resolve()), "resolved": str(resolved), "sha256": content_hash(resolved)}
 
 
-def check_base(meta: dict, where: Path) -> Path:
-    """Where a prompt checkpoint's base weights are (for a run: the checkpoint training started from), after
-    checking their content hash (one-sentence refusal)."""
+COPY_HINT = "--set model.pretrained=PATH"  # how a user names an identical copy of a moved base (ofa-train, ofa-eval)
+
+
+def check_base(meta: dict, where: Path, candidate: str | Path | None = None, hint: str | None = None) -> dict:
+    """The base reference ({"path", "resolved", "sha256"}) a prompt checkpoint's weights are read from (for a run:
+    the checkpoint training started from), after checking its content hash. The recorded base first; when it is
+    gone or changed, `candidate` (the user's model.pretrained) is accepted if its content hashes the same: a moved
+    base or an identical copy. Otherwise one-sentence refusal naming `hint`, the way to point at a copy."""
+    hint = hint or COPY_HINT
     base = meta["base"]
-    resolved = Path(base["resolved"])
-    if not resolved.exists():
-        raise UserError(f"the prompt checkpoint {where} was trained on the base model {base['path']}, which no "
-                        f"longer exists; restore it there to use this checkpoint")
-    found = content_hash(resolved)
-    if found != base["sha256"]:
-        raise UserError(f"the prompt checkpoint {where} was trained on a base model with SHA-256 "
-                        f"{base['sha256'][:16]}…, but {resolved} now hashes to {found[:16]}…; restore the original "
-                        f"base weights, since the tuned parameters only fit those")
-    return resolved
+    recorded, want = Path(base["resolved"]), base["sha256"]
+    found = content_hash(recorded) if recorded.exists() else None
+    if found == want:
+        return base
+    problem = "which no longer exists" if found is None else f"which now hashes to {found[:16]}…"
+    copy = None if candidate is None else base_reference_or_none(candidate)
+    if copy is not None and Path(copy["resolved"]) != recorded:
+        if copy["sha256"] == want:
+            return copy
+        raise UserError(f"the prompt checkpoint {where} was trained on the base model {base['path']} (SHA-256 "
+                        f"{want[:16]}…), {problem}, and {candidate} hashes to {copy['sha256'][:16]}…, not the "
+                        f"same; pass an identical copy of the original base with {hint}, since the tuned parameters "
+                        f"only fit those weights")
+    raise UserError(f"the prompt checkpoint {where} was trained on the base model {base['path']} (SHA-256 "
+                    f"{want[:16]}…), {problem}; restore it there or pass an identical copy with {hint}, since the "
+                    f"tuned parameters only fit those weights")
+
+
+def base_reference_or_none(path: str | Path) -> dict[str, str] | None:
+    """base_reference of `path`, or None when nothing is there (a recipe's placeholder model.pretrained)."""
+    return base_reference(path) if resolve_base(path).exists() else None
 
 
 def agreed_base(pretrained: str, resume_tag_dir: Path | None, *, is_main: bool) -> dict:
     """Collective (every rank, process groups up): the base reference a prompt-tuning run trains on. A fresh run
     hashes model.pretrained; a resume takes the reference its checkpoint recorded, after checking the files still
-    hash to it. Rank 0 hashes; a refusal raises the same one sentence on every rank."""
+    hash to it, or model.pretrained when that is an identical copy of a base that moved (later checkpoints then
+    record the copy). Rank 0 hashes; a refusal raises the same one sentence on every rank."""
     from ofa_scale.parallel import collectives
 
     base = failure = None
     if is_main:
         try:
             if resume_tag_dir is not None and has_prompt_checkpoint(resume_tag_dir):
-                meta = read_meta(resume_tag_dir)
-                check_base(meta, Path(resume_tag_dir))
-                base = meta["base"]
+                base = check_base(read_meta(resume_tag_dir), Path(resume_tag_dir), candidate=pretrained)
             else:
                 base = base_reference(pretrained)
         except UserError as e:
@@ -149,8 +167,14 @@ def read_meta(tag_dir: Path) -> dict[str, Any]:
     return meta
 
 
-def load_prompt_model(tag_dir: Path) -> torch.nn.Module:
-    """The prompt-tuned OFAModel (eval mode): the hash-checked base, then the tuned tensors."""
+def load_prompt_model(tag_dir: Path, base: str | Path | None = None, hint: str | None = None) -> torch.nn.Module:
+    """The prompt-tuned OFAModel (eval mode): the hash-checked base (`base`: an identical copy to use when the
+    recorded one moved; check_base), then the tuned tensors."""
+    return _load_prompt_model(tag_dir, base, hint)[0]
+
+
+def _load_prompt_model(tag_dir: Path, base: str | Path | None, hint: str | None) -> tuple[torch.nn.Module, dict]:
+    """(the prompt-tuned model, the base reference its weights came from)."""
     from safetensors.torch import load_file
 
     from ofa_scale.model.config import OFAConfig
@@ -158,10 +182,10 @@ def load_prompt_model(tag_dir: Path) -> torch.nn.Module:
     from ofa_scale.training.workload import load_pretrained_weights
 
     meta = read_meta(tag_dir)
-    base = check_base(meta, prompt_dir(tag_dir))
+    found = check_base(meta, prompt_dir(tag_dir), candidate=base, hint=hint)
     config = OFAConfig(**meta["model_config"])
     model = OFAModel(config)
-    load_pretrained_weights(model, str(base), config)
+    load_pretrained_weights(model, found["resolved"], config)
     tuned = load_file(str(prompt_dir(tag_dir) / TENSORS_FILE))
     params = dict(model.named_parameters())
     unknown = sorted(set(tuned) - set(params))
@@ -171,22 +195,22 @@ def load_prompt_model(tag_dir: Path) -> torch.nn.Module:
     with torch.no_grad():
         for name, value in tuned.items():
             params[name].copy_(value)
-    return model.eval()
+    return model.eval(), found
 
 
-def load_prompt_eval_model(tag_dir: Path):
-    """An EvalModel for `ofa-eval run` / `ofa-predict`: the prompt-tuned model, with the run's tokenizer and input
-    geometry (the run is the checkpoint's RUN/checkpoints/step_N parent)."""
+def load_prompt_eval_model(tag_dir: Path, base: str | Path | None = None, hint: str | None = None):
+    """An EvalModel for `ofa-eval run` / `ofa-predict`: the prompt-tuned model (`base`, `hint`: load_prompt_model),
+    with the run's tokenizer and input geometry (the run is the checkpoint's RUN/checkpoints/step_N parent)."""
     from ofa_scale.evaluation.model_source import EvalModel, _check_vocab, _run_config, run_tokenizer_and_geometry
 
     tag_dir = Path(tag_dir)
     run_root = tag_dir.parent.parent
     tokenizer, geometry = run_tokenizer_and_geometry(_run_config(run_root / "config.yaml"))
-    model = load_prompt_model(tag_dir)
+    model, found = _load_prompt_model(tag_dir, base, hint)
     _check_vocab(model.config.vocab_size, tokenizer, str(tag_dir))
     meta = read_meta(tag_dir)
     return EvalModel(model, tokenizer, geometry,
                      {"checkpoint": str(tag_dir.resolve()), "kind": "prompt", "run": str(run_root.resolve()),
                       "tag": tag_dir.name, "arch": meta["model_config"].get("arch"),
                       "weights": f"prompt ({meta.get('weights', 'model')})",
-                      "method": meta["method"], "base": meta["base"]["path"]})
+                      "method": meta["method"], "base": found["path"]})

@@ -25,6 +25,9 @@ Distributed: generation runs under a lockstep when the world has more than one p
 number of decoder forwards, so ZeRO-3's and TP's collective forwards line up however long each rank's captions
 are), and every micro-batch gets exactly one forward and one backward on every rank, even one without any image
 to score (a one-row placeholder with no target tokens: its loss is an exact 0 with a gradient of zeros).
+Placeholders run in the decoder mode of the real rows (code mode for image_gen, `ScstSettings.code_mode`), so every
+rank calls the same modules. Sampled hypotheses (image_gen) draw from a generator seeded by the micro-batch's
+captions and the optimizer step (`sampling_generator`), so a data-parallel step samples what one process does.
 Rows of a micro-batch without references (the Collator's padding rows) are not generated for.
 
 References reach the step through the group batch: `group_batch["references"]`, a list with one list of caption
@@ -33,6 +36,7 @@ strings per row (empty for padding rows).
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
@@ -57,6 +61,13 @@ class ScstSettings:
     # image_gen (finetune/image_gen.py): the teacher-forced softmax over ids 0-3 and the code range only, as the
     # samples were drawn (OFA's clip_scst_loss masks the logits outside its constraint range)
     constraint_range: Optional[tuple[int, int]] = None
+
+    @property
+    def code_mode(self) -> bool:
+        """Samples are image codes (image_gen, the one user of `constraint_range`): decoder code mode. A rank's
+        placeholder forwards must run in it too, or ZeRO-3's per-module gathers (code_layernorm_embedding, the image
+        positions) differ between ranks and hang."""
+        return self.constraint_range is not None
 
     @classmethod
     def from_task(cls, task_cfg, group: str = "vl") -> "ScstSettings":
@@ -132,9 +143,17 @@ def _placeholder(bos: int = BOS, pad: int = PAD) -> Rollout:
                    advantage=torch.zeros(1), scores=[], images=0)
 
 
+def sampling_generator(src_tokens: torch.Tensor, step: int) -> torch.Generator:
+    """The generator of one micro-batch's sampled hypotheses (image_gen), seeded by its captions' tokens and the
+    optimizer step: the draws do not depend on which rank holds the micro-batch or what it decoded before, so a
+    data-parallel step samples what one process does."""
+    seed = zlib.crc32(src_tokens.cpu().numpy().tobytes() + int(step).to_bytes(8, "little"))
+    return torch.Generator(device=src_tokens.device).manual_seed(seed)
+
+
 def rollout(model: torch.nn.Module, inputs: dict, references: Sequence[Sequence[str]], settings: ScstSettings,
             reward: Callable[[Sequence[str], Sequence[str]], np.ndarray], decode: Decode,
-            lockstep: Optional[Callable[[bool], bool]] = None) -> Rollout:
+            lockstep: Optional[Callable[[bool], bool]] = None, step: int = 0) -> Rollout:
     """Steps 1-3 of the module docstring for one micro-batch (`inputs`: the model kwargs of its rows). The caller
     puts the model in eval mode."""
     if references is None:
@@ -142,10 +161,18 @@ def rollout(model: torch.nn.Module, inputs: dict, references: Sequence[Sequence[
                          "workload must carry the examples' references through the collation")
     rows = [i for i, refs in enumerate(references) if refs]
     index = torch.tensor(rows, dtype=torch.long)
-    gen_inputs = {k: inputs[k].index_select(0, index.to(inputs[k].device))
-                  for k in ("src_tokens", "patch_images", "patch_masks", "code_masks") if inputs.get(k) is not None}
+    keys = [k for k in ("src_tokens", "patch_images", "patch_masks", "code_masks") if inputs.get(k) is not None]
+    gen_inputs = {k: inputs[k].index_select(0, index.to(inputs[k].device)) for k in keys}
+    if not rows and lockstep is not None:
+        # nothing to sample: still step with the other ranks, on a placeholder in their decoder mode
+        placeholder = teacher_forced_inputs(inputs, _placeholder(settings.bos, settings.pad), settings.code_mode)
+        gen_inputs = {k: placeholder[k] for k in keys}
+    gen = sampling_generator(gen_inputs["src_tokens"], step) if settings.generation.sampling else None
     with torch.no_grad(), full_vocabulary_logits(model):
-        hyps: list[list[Hypothesis]] = generate(model, gen_inputs, settings.generation, lockstep=lockstep)
+        hyps: list[list[Hypothesis]] = generate(model, gen_inputs, settings.generation, generator=gen,
+                                                lockstep=lockstep)
+    if not rows:
+        return _placeholder(settings.bos, settings.pad)
     seqs, owner, adv, scores = [], [], [], []
     for row, row_hyps in zip(rows, hyps):
         if not row_hyps:
@@ -163,9 +190,9 @@ def rollout(model: torch.nn.Module, inputs: dict, references: Sequence[Sequence[
                    advantage=torch.cat(adv).float(), scores=scores, images=len(adv))
 
 
-def teacher_forced_inputs(inputs: dict, ro: Rollout) -> dict:
+def teacher_forced_inputs(inputs: dict, ro: Rollout, code_mode: bool = False) -> dict:
     """The model kwargs of the hypotheses: each row's encoder inputs repeated per hypothesis, prev_output the
-    hypothesis."""
+    hypothesis. `code_mode`: a placeholder's decoder mode (`ScstSettings.code_mode`)."""
     out = {}
     for key, value in inputs.items():
         if isinstance(value, torch.Tensor) and value.dim() > 0 and key != "prev_output_tokens":
@@ -179,6 +206,8 @@ def teacher_forced_inputs(inputs: dict, ro: Rollout) -> dict:
         out["patch_masks"] = torch.zeros_like(out["patch_masks"])
         if "patch_images" in out:
             out["patch_images"] = torch.zeros_like(out["patch_images"])
+        if "code_masks" in out:
+            out["code_masks"] = torch.full_like(out["code_masks"], code_mode)
     out["prev_output_tokens"] = ro.prev.to(out["src_tokens"].device)
     return out
 
@@ -222,9 +251,10 @@ def run_scst_step(engine, ctx, micro_batches: Sequence[dict[str, Any]], *, model
     group, pad = settings.group, settings.pad
     module = getattr(engine, "module", model)
     inputs = [to_inputs(group, mb[group], m) for m, mb in enumerate(micro_batches)]
+    step = int(getattr(engine, "global_steps", 0))  # DeepSpeed's optimizer step count, the same on every rank
     module.eval()
     try:
-        rollouts = [rollout(model, inp, mb[group].get("references"), settings, reward, decode, lockstep)
+        rollouts = [rollout(model, inp, mb[group].get("references"), settings, reward, decode, lockstep, step)
                     for inp, mb in zip(inputs, micro_batches)]
     finally:
         module.train()
@@ -237,7 +267,7 @@ def run_scst_step(engine, ctx, micro_batches: Sequence[dict[str, Any]], *, model
     gas, dp = len(micro_batches), ctx.dp_size
     objective = 0.0
     for inp, ro, mb in zip(inputs, rollouts, micro_batches):
-        tf = teacher_forced_inputs(inp, ro)
+        tf = teacher_forced_inputs(inp, ro, settings.code_mode)
         logits = engine({group: tf})[group]
         total, tl = scst_loss(token_loss, logits, ro, denominator, settings.constraint_range)
         if acc is not None and ro.images:

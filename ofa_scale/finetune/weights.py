@@ -31,8 +31,10 @@ def run_checkpoint(path: str | Path) -> Optional[Path]:
     return root / "checkpoints" / tag
 
 
-def load_run_eval_model(path: str | Path, *, ema: bool = True):
-    """An EvalModel (model, the run's tokenizer, description) of the checkpoint `path` designates."""
+def load_run_eval_model(path: str | Path, *, ema: bool = True, base: Optional[str] = None,
+                        base_hint: Optional[str] = None):
+    """An EvalModel (model, the run's tokenizer, description) of the checkpoint `path` designates (`base`,
+    `base_hint`: a prompt-tuned run's identical copy of a moved base, prompt_checkpoint.check_base)."""
     from ofa_scale.evaluation.model_source import load_eval_model
     from ofa_scale.finetune.ema_store import ema_weights, has_ema_copy
     from ofa_scale.parallel.canonical import load_model_weights
@@ -45,7 +47,7 @@ def load_run_eval_model(path: str | Path, *, ema: bool = True):
     if has_prompt_checkpoint(tag_dir):  # prompt tuning: the hash-checked base model plus the tuned parameters
         from ofa_scale.finetune.prompt_checkpoint import load_prompt_eval_model
 
-        return load_prompt_eval_model(tag_dir)
+        return load_prompt_eval_model(tag_dir, base, base_hint)
     loaded = load_eval_model(tag_dir)
     use_ema = ema and has_ema_copy(tag_dir)
     if use_ema:

@@ -160,6 +160,20 @@ class EarlyExitConfig:
                 "kv_fill": self.kv_fill}
 
 
+def resolve(flag: str | None, recipe: str | None) -> EarlyExitConfig | None:
+    """The exits `ofa-eval run` / `ofa-predict` run: the --early-exit flag's, else the recipe's task.early_exit;
+    "off" (either place) or neither is the full model (None)."""
+    spec = flag if flag is not None else recipe
+    return None if spec in (None, "off") else EarlyExitConfig.parse(spec)
+
+
+def use_recipe_encoder(model, model_overrides: dict) -> None:
+    """A recipe's `model.overrides.mue` switches the model to (or from) MuE's decomposed encoder: it adds no
+    parameters, so any checkpoint runs a MuE recipe's per-stream exits."""
+    if "mue" in model_overrides:
+        model.config.mue = bool(model_overrides["mue"])
+
+
 def enable(model, cfg: EarlyExitConfig | None) -> None:
     """Switch early exit on (cfg) or off (None) for `model`'s encoder and decoder. Refused where ranks could run
     different layers inside collectives (ZeRO-3 partitioned weights, a pipeline stage) and for separate image /

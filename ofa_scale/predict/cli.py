@@ -31,6 +31,7 @@ from ofa_scale.errors import UserError
 from ofa_scale.predict.image_gen import add_clip_options
 from ofa_scale.predict.inputs import PredictInput, open_image, read_inputs
 from ofa_scale.predict.tasks import IMAGE_GEN, TASK_CHOICES, Predictor, get_spec, task_section
+from ofa_scale.utils.config import load_yaml
 
 PROGRESS_EVERY_S = 2.0
 
@@ -66,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a task-section value, e.g. --set decoding.beam=1 --set image_size=384")
     p.add_argument("--no-ema", action="store_true", help="a run's live weights instead of its EMA weights")
+    p.add_argument("--base-model", default=None, metavar="PATH",
+                   help="a prompt-tuned run whose base model moved: an identical copy of that base (same SHA-256)")
     p.add_argument("--vqgan", default=None, metavar="DIR",
                    help="image_gen: the taming VQGAN (model.yaml + last.ckpt) that turns codes into pixels")
     p.add_argument("--samples", type=int, default=24, metavar="N",
@@ -77,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--early-exit", default=None, metavar="THRESH",
                    help="MuE early exit: one cosine threshold (e.g. 0.95) or img=0.99,txt=0.7,decoder=0.9 (MuE's "
                         "img_thres/txt_thres/decoder_thres; img/txt apart need a model.mue model; encoder= sets "
-                        "both); the summary line says how many layers ran")
+                        "both); default: the task section's early_exit (--recipe's, or the run's own); 'off' = "
+                        "the full model; the summary line says how many layers ran")
     return p
 
 
@@ -95,8 +99,9 @@ def run(args: argparse.Namespace) -> int:
     if args.vqgan or args.clip:
         raise UserError("--vqgan and --clip are image_gen options; use them with --task image_gen")
     spec = get_spec(args.task)
-    # --early-exit: MuE exits (model/early_exit.py); the config also counts the layers run
-    exits = None if args.early_exit is None else early_exit.EarlyExitConfig.parse(args.early_exit)
+    # --early-exit: MuE exits (model/early_exit.py; the config also counts the layers run), refused here when
+    # malformed, before the model loads; without the flag the task section's early_exit decides below
+    exits = early_exit.resolve(args.early_exit, None)
     if args.batch_size < 1:
         raise UserError("--batch-size must be >= 1")
     if args.draw_boxes and spec.name != "grounding":
@@ -110,12 +115,16 @@ def run(args: argparse.Namespace) -> int:
     if first is None:
         raise UserError(f"--input {args.input} holds no inputs")
     device, dtype = pick_device(args.device)
-    loaded = load_model(args.model, args.tokenizer_path, ema=not args.no_ema)
+    loaded = load_model(args.model, args.tokenizer_path, ema=not args.no_ema, base=args.base_model)
     section = task_section(spec, run_task=run_task_section(loaded.description), recipe=args.recipe,
                            answers=args.answers, overrides=args.overrides, batch_size=args.batch_size,
                            tokenizer=loaded.tokenizer)
+    if args.early_exit is None:  # the recipe's (or the run's own) task.early_exit, as `ofa-eval run` does
+        exits = early_exit.resolve(None, section.early_exit)
     predictor = Predictor(spec, section, loaded.tokenizer)
     model = loaded.model.to(device=device, dtype=dtype).eval()
+    if args.recipe:  # a MuE recipe runs the model with its decomposed encoder, as `ofa-eval run` does
+        early_exit.use_recipe_encoder(model, (load_yaml(args.recipe).get("model") or {}).get("overrides") or {})
     early_exit.enable(model, exits)  # None: the full model
     draw_dir = Path(args.draw_boxes) if args.draw_boxes else None
     if draw_dir is not None:
@@ -160,23 +169,22 @@ def pick_device(name: Optional[str]):
     return device, torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
 
 
-def load_model(model: str, tokenizer_path: Optional[str], *, ema: bool = True):
+def load_model(model: str, tokenizer_path: Optional[str], *, ema: bool = True, base: Optional[str] = None):
     """The EvalModel of M: a run (or a checkpoint of one) through finetune/weights.py — best checkpoint, EMA
-    weights when stored — else a model dir / .pt with --tokenizer-path."""
+    weights when stored, `base` for a prompt-tuned run whose base moved — else a model dir / .pt with
+    --tokenizer-path."""
     from ofa_scale.evaluation.model_source import load_eval_model
     from ofa_scale.finetune.weights import load_run_eval_model, run_checkpoint
 
     if not Path(model).exists():
         raise UserError(f"--model {model} does not exist; pass an ofa-train run dir, a model dir or an OFA .pt")
     if run_checkpoint(model) is not None:
-        return load_run_eval_model(model, ema=ema)
+        return load_run_eval_model(model, ema=ema, base=base, base_hint="--base-model PATH")
     return load_eval_model(model, tokenizer_path=tokenizer_path)
 
 
 def run_task_section(description: dict) -> Optional[dict]:
     """The `task:` section of the run the model comes from (None for a model dir / .pt or a pretraining run)."""
-    from ofa_scale.utils.config import load_yaml
-
     if "run" not in description:
         return None
     return load_yaml(Path(description["run"]) / "config.yaml").get("task") or None

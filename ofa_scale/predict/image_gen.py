@@ -143,7 +143,7 @@ def run_image_gen(args: argparse.Namespace) -> int:
     device, dtype = pick_device(args.device)
     clip = load_clip(args.clip, args.clip_arch, device)  # a bad CLIP file stops the run before the big loads
     vqgan = load_vqgan(args.vqgan, device=device)
-    loaded = load_model(args.model, args.tokenizer_path, ema=not args.no_ema)
+    loaded = load_model(args.model, args.tokenizer_path, ema=not args.no_ema, base=args.base_model)
     model = loaded.model.to(device=device, dtype=dtype).eval()
     generator = ImageGenerator(model, loaded.tokenizer, vqgan, samples=args.samples, device=device, clip=clip)
     out = Path(args.out)

@@ -87,6 +87,9 @@ class ScheduleSection:
     power: float = 1.0
 
 
+HOST_HEAP_MODES = ("auto", "bounded", "dynamic")
+
+
 @dataclass
 class TrainSection:
     # Pretraining: the number of updates. Finetuning: a cap on the updates the epochs give (0 = no cap).
@@ -108,6 +111,9 @@ class TrainSection:
     compile: bool = False  # torch.compile each encoder/decoder layer and the ResNet stem (torchtitan-style)
     channels_last: bool = False  # run the ResNet stem in channels-last memory format
     max_nonfinite_steps: int = 5  # stop after this many non-finite steps in a row (each one is skipped)
+    # glibc's heap: "bounded" returns every freed block of 128 KiB or more to the OS (less host memory, more page
+    # faults: CPU steps cost more), "dynamic" is glibc's default, "auto" bounds it under ZeRO-3 (utils/malloc.py)
+    host_heap: str = "auto"
 
 
 @dataclass
@@ -211,6 +217,8 @@ class TrainingConfig:
         if not self.logging.connect_timeout_s > 0:
             raise ConfigError(f"logging.connect_timeout_s is {self.logging.connect_timeout_s}; give a positive "
                               "number of seconds")
+        if self.train.host_heap not in HOST_HEAP_MODES:
+            raise ConfigError(f"train.host_heap is {self.train.host_heap!r}; use one of {', '.join(HOST_HEAP_MODES)}")
         if self.train.max_nonfinite_steps < 1:
             raise ConfigError("train.max_nonfinite_steps must be >= 1 (non-finite steps in a row before the run "
                               "stops)")

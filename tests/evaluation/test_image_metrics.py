@@ -190,3 +190,39 @@ def test_contact_sheet_grid(tmp_path):
         ranked.add(f"row {row}", images[:3 - row], ["a", "b", "c"])
     with Image.open(ranked.write(tmp_path / "ranked.png")) as sheet:
         assert sheet.size == (2 * cell_w, 2 * cell_h)  # the first 2 captions, their best 2 images
+
+
+def test_fid_stats_cli_writes_ofas_gt_stat(inception_path, small, tmp_path, capsys):
+    """`ofa-eval fid-stats` = OFA's gt_stat.npz of a folder: mu/sigma of the independently computed pool3 features,
+    and FID against the file equals FID against the folder."""
+    from ofa_scale.cli.evaluate import main
+
+    reference = noise_images(5, 8, shift=30)
+    folder = tmp_path / "ref"
+    (folder / "sub").mkdir(parents=True)
+    for i, image in enumerate(reference):  # (searched recursively, as the FID folder reference is)
+        image.save(folder / ("sub" if i % 2 else "") / f"{i}.png")
+    out = tmp_path / "stats" / "gt_stat.npz"
+    assert main(["fid-stats", "--images", str(folder), "--inception", str(inception_path), "--out", str(out),
+                 "--device", "cpu"]) == 0
+    assert "5 images" in capsys.readouterr().out
+    order = sorted(range(5), key=lambda i: str(folder / ("sub" if i % 2 else "") / f"{i}.png"))
+    _, pool = reference_features(random_inception(), [reference[i] for i in order])
+    with np.load(out, allow_pickle=False) as f:
+        assert sorted(f.files) == ["mu", "sigma"] and f["sigma"].shape == (2048, 2048)
+        for got, want in ((f["mu"], pool.mean(0)), (f["sigma"], np.cov(pool, rowvar=False))):
+            assert np.abs(got - want).max() < 1e-4 * np.abs(want).max()  # float32 convolutions, batched apart
+    assert list(out.parent.iterdir()) == [out]  # no partial file left
+    inception = Inception.load(inception_path, "cpu")
+    generated = noise_images(3, 9)
+    from_file = inception_scores(generated, inception, out)["fid"]
+    assert from_file > 0 and from_file == pytest.approx(inception_scores(generated, inception, folder)["fid"],
+                                                        rel=1e-6)
+    (tmp_path / "empty").mkdir()
+    for args, message in [(["--images", str(tmp_path / "nowhere")], "is not a folder"),
+                          (["--images", str(tmp_path / "empty")], "holds no .png/.jpg images"),
+                          (["--images", str(folder), "--out", str(tmp_path / "gt_stat")], "must end in .npz")]:
+        argv = ["fid-stats", "--inception", str(inception_path), "--out", str(out), *args]
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err

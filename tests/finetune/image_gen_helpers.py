@@ -19,8 +19,10 @@ TINY = dict(d_model=64, ffn_dim=128, heads=2, encoder_layers=2, decoder_layers=2
             attention_impl="math", dropout=0.0)
 
 
-def train_tokenizer(out: Path) -> Path:
-    """A ~300-piece BPE over every caption the sample world can write, the prompt, 8192 codes and 2 bins."""
+def train_tokenizer(out: Path, vocab_size: int = 300) -> Path:
+    """A BPE of `vocab_size` pieces over every caption the sample world can write, the prompt, 8192 codes and 2 bins.
+    300 is 4 specials, 256 byte pieces and ~40 merges (mostly characters: small and fast); 400 gives every word of
+    the prompt and the captions its own piece."""
     from ofa_scale.cli.preprocess import main as preprocess
 
     lines = [t.format(a=a, c=c, k=k) for t in TEMPLATES for c in COLOURS for k in SHAPES for a in ("a", "an")]
@@ -28,7 +30,8 @@ def train_tokenizer(out: Path) -> Path:
     text = out / "captions.txt"
     text.parent.mkdir(parents=True, exist_ok=True)
     text.write_text("\n".join(lines) + "\n")
-    assert preprocess(["train-tokenizer", "--input", f"lines:{text}", "--vocab-size", "300", "--soft-vocab-limit",
+    assert preprocess(["train-tokenizer", "--input", f"lines:{text}", "--vocab-size", str(vocab_size),
+                       "--soft-vocab-limit",
                        "--model-type", "bpe", "--num-codes", "8192", "--num-bins", "2", "--out",
                        str(out / "tokenizer")]) == 0
     return out / "tokenizer"

@@ -1,11 +1,12 @@
 """Prefix tuning through the real trainer (`ofa-train`, the engine tests' fake caption task) on a saved base model:
 every checkpoint holds the tuned parameters alone — no file of it (DeepSpeed's, the layout-free copy, the prompt
 checkpoint) holds a base tensor — plus the base's path and content hash, and the prefix moved; the prompt checkpoint
-rebuilds the trained model and is refused, in one sentence, on a changed base; `ofa-eval run` evaluates a
-prompt-tuned run through it; a resume rebuilds the base from its recorded path and continues exactly like the
-uninterrupted run (EMA of the prefix included), or refuses a base that changed; 2-rank ZeRO-3 and tp=2 runs,
-stopped and resumed, follow the single process's loss trajectory and write the same prompt checkpoint, and a ZeRO-3 checkpoint resumes under tp=2
-(about 20 s each)."""
+rebuilds the trained model and is refused, in one sentence, on a changed base unless an identical copy is named
+(`--set model.pretrained=COPY`, ofa-predict `--base-model`); `ofa-eval run` evaluates a prompt-tuned run through it;
+a resume rebuilds the base from its recorded path and continues exactly like the uninterrupted run (EMA of the prefix
+included), or refuses a base that changed (an identical copy resumes), or DeepSpeed files that lack a tuned
+parameter; 2-rank ZeRO-3 and tp=2 runs, stopped and resumed, follow the single process's loss trajectory and write
+the same prompt checkpoint, and a ZeRO-3 checkpoint resumes under tp=2 (about 20 s each)."""
 
 from __future__ import annotations
 
@@ -170,10 +171,48 @@ def test_a_changed_base_is_refused_in_one_sentence(setup, tmp_path):
     with pytest.raises(UserError) as err:
         load_run_eval_model(run)
     message = str(err.value)
-    assert "trained on a base model with SHA-256" in message and "\n" not in message
+    assert "which now hashes to" in message and "--set model.pretrained=PATH" in message and "\n" not in message
+    # the original base named as the copy: accepted, and what the description reports
+    loaded = load_run_eval_model(run, base=str(setup["base"]))
+    assert loaded.description["base"] == str(setup["base"].resolve())
     shutil.rmtree(base)
-    with pytest.raises(UserError, match="no longer exists"):
+    with pytest.raises(UserError, match="which no longer exists; restore it there or pass an identical copy"):
         load_run_eval_model(run)
+
+
+def test_a_moved_base_is_found_through_an_identical_copy_and_refused_otherwise(setup, tmp_path):
+    """The recorded base is gone: `ofa-eval run --set model.pretrained=COPY` (and ofa-predict's --base-model, the
+    same call) evaluates with an identical copy; a copy with other content is refused in one sentence."""
+    from safetensors.torch import load_file, save_file
+
+    from ofa_scale.errors import UserError
+    from ofa_scale.finetune.weights import load_run_eval_model
+
+    run = tmp_path / "run"
+    shutil.copytree(setup["run"], run)
+    for meta_file in run.glob("checkpoints/step_*/prompt/prompt.json"):  # as if the base had lived elsewhere
+        meta = json.loads(meta_file.read_text())
+        meta["base"].update(path=str(tmp_path / "gone"), resolved=str(tmp_path / "gone"))
+        meta_file.write_text(json.dumps(meta))
+    copy = tmp_path / "copy"
+    shutil.copytree(setup["base"], copy)
+    out = tmp_path / "eval"
+    launch("eval", "run", "--config", str(setup["config"]), "--checkpoint", str(run), "--data", str(setup["valid"]),
+           "--out", str(out), "--set", f"model.pretrained={copy}")
+    result = json.loads((out / "metrics.json").read_text())
+    assert result["checkpoint"]["base"] == str(copy.resolve())
+    best = json.loads((setup["run"] / "best.json").read_text())
+    valid = next(m for m in read_metrics(setup["run"]) if m["step"] == best["step"])
+    for key in ("match", "length", "first"):  # the same weights as the run's own validation
+        assert result[key] == pytest.approx(valid[f"valid/{key}"], rel=1e-6)
+    weights = load_file(str(copy / "model.safetensors"))
+    weights["decoder.layers.0.fc1.bias"][0] += 1e-3
+    save_file(weights, str(copy / "model.safetensors"))
+    with pytest.raises(UserError) as err:
+        load_run_eval_model(run, base=str(copy), base_hint="--base-model PATH")
+    message = str(err.value)
+    assert "which no longer exists, and" in message and "hashes to" in message and "not the same" in message
+    assert "--base-model PATH" in message and "\n" not in message
 
 
 def test_ofa_eval_run_evaluates_the_prompt_checkpoint(setup, tmp_path):
@@ -268,25 +307,56 @@ def test_two_rank_prompt_tuning_follows_the_single_process(setup, tmp_path, name
         torch.testing.assert_close(mine[key], value, rtol=1e-4, atol=1e-6)
 
 
-def test_a_resume_refuses_a_base_that_changed_since_the_run_started(setup, tmp_path):
-    """The base is changed in place (the checkpoint's manifest forbids editing its prompt.json) and restored after."""
+def test_a_resume_refuses_a_base_that_changed_since_the_run_started_unless_given_an_identical_copy(setup, tmp_path):
+    """The base is changed in place (the checkpoint's manifest forbids editing its prompt.json) and restored after;
+    meanwhile `--set model.pretrained=COPY` of the original resumes, and later checkpoints record the copy."""
     from safetensors.torch import load_file, save_file
 
     run = tmp_path / "run"
     shutil.copytree(setup["run"], run)
+    copy = tmp_path / "copy"
+    shutil.copytree(setup["base"], copy)
     weights_file = setup["base"] / "model.safetensors"
     original = weights_file.read_bytes()
+    resume = ["train", "--config", str(setup["config"]), "--run-dir", str(run), "--resume", "--set", "train.epochs=3"]
     try:
         weights = load_file(str(weights_file))
         weights["encoder.layers.0.fc2.bias"][0] += 1e-3
         save_file(weights, str(weights_file))
-        proc = launch("train", "--config", str(setup["config"]), "--run-dir", str(run), "--resume", "--set",
-                      "train.epochs=3", check=False)
+        proc = launch(*resume, check=False)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode != 0 and "which now hashes to" in out and "Traceback" not in out
+        assert [m["step"] for m in read_metrics(run)] == [1, 2, 3, 4]  # nothing trained on the changed base
+        proc = launch(*resume, "--set", f"model.pretrained={copy}")
     finally:
         weights_file.write_bytes(original)
+    assert f"on the frozen base {copy.resolve()}" in proc.stdout
+    assert [m["step"] for m in read_metrics(run)] == [1, 2, 3, 4, 5, 6]
+    assert json.loads((last_tag(run) / "prompt" / "prompt.json").read_text())["base"]["path"] == str(copy.resolve())
+
+
+def test_a_same_layout_resume_refuses_deepspeeds_files_without_a_tuned_parameter(setup, tmp_path):
+    """DeepSpeed loads a trained-only checkpoint non-strictly; a tuned parameter missing from its module state
+    (here dropped, the manifest rewritten as if the checkpoint had been written so) is refused in one sentence
+    instead of resuming with that parameter at its initial value."""
+    from ofa_scale.training.checkpoint_integrity import write_manifest
+
+    run = tmp_path / "run"
+    shutil.copytree(setup["run"], run)
+    tag = last_tag(run)
+    (states_file,) = tag.glob("mp_rank_*_model_states.pt")
+    states = torch.load(states_file, map_location="cpu", weights_only=False)
+    dropped = sorted(states["module"])[0]
+    assert ".prefix." in dropped
+    del states["module"][dropped]
+    torch.save(states, states_file)
+    write_manifest(tag)
+    proc = launch("train", "--config", str(setup["config"]), "--run-dir", str(run), "--resume", "--set",
+                  "train.epochs=3", check=False)
     out = proc.stdout + proc.stderr
-    assert proc.returncode != 0 and "was trained on a base model with SHA-256" in out and "Traceback" not in out
-    assert [m["step"] for m in read_metrics(run)] == [1, 2, 3, 4]  # nothing trained on the changed base
+    assert proc.returncode != 0 and "Traceback" not in out
+    assert f"lacks 1 of the 4 parameters this run trains ({dropped})" in out
+    assert [m["step"] for m in read_metrics(run)] == [1, 2, 3, 4]
 
 
 @pytest.mark.parametrize("prompt", [{"kind": "adapter", "adapter_dim": 4}, {"kind": "bitfit"}])

@@ -4,15 +4,33 @@ held-out synthetic data after a short finetune.
 The data is `ofa-preprocess sample`'s finetuning TSVs (labels true for the pixels, held-out splits drawn from
 other scenes) converted with `ofa-preprocess shards --format`; each recipe runs through `ofa-train --config
 configs/finetune/<recipe>.yaml` (1 process, two runs side by side on the two cores) with the overrides of
-scripts/demo_finetune.sh (the demo's small OFA, 64-px images, batch 8, a raised learning rate) and is scored by
-`ofa-eval run` on the test split. The baselines (ofa_scale/finetune/baselines.py) are scored by the same task
-code on the same items: the most frequent training caption, the majority training answer, the whole-image box
-and the majority training label. The margins are printed (`pytest -s`).
+scripts/demo_finetune.sh (the demo's small OFA, 64-px images, batch 8, a raised learning rate), keeps its best
+checkpoint by validation on the val split, and is scored by `ofa-eval run` on the test split. The baselines
+(ofa_scale/finetune/baselines.py) are scored by the same task code on the same items: the most frequent training
+caption, the majority training answer and the majority training label (RefCOCO, against the whole-image box, is
+not here: see the note below CASES). Each case asserts that the finetuned metric beats its baseline by more than
+its stated margin and that the predictions are not one constant (a generic caption other than the most frequent
+one can beat it without looking at the image). The margins are printed (`pytest -s`); measured (1 thread per
+run, seed 7):
+
+  case     metric     finetuned  baseline  margin (asserted)  distinct predictions  updates
+  caption  cider      1.058      0.729     +0.329 (> 0.2)     10 of 32 (>= 8)        480 (lr 5e-4)
+  vqa      vqa_score  0.472      0.234     +0.238 (> 0.1)     6 of 64                200 (lr 2e-3)
+  snli_ve  accuracy   0.802      0.333     +0.469 (> 0.2)     3 of 96                100 (lr 2e-3)
+
+Wall time of this module (pytest --durations, two runs at a time, load ~20 on 2 cores): 597 s, the caption run
+494 s of it (its evaluation 25 s); vqa 270 s and snli_ve 121 s run beside it.
+
+The caption model reads the picture: the number of shape groups in its captions matches the test image's in 56%
+of images (the most common count: 38%; correlation 0.64), where a 2e-3 model wrote one caption for all. It does
+not read the background yet ("dotted" for 30 of 32 images). 384 updates (4 epochs) score CIDEr 1.097 but with 5
+distinct captions, so the case keeps 480.
 
 The models start from scratch rather than from the `make demo` checkpoint: a pretraining run would cost more
-than this test's budget, and a test cannot depend on runs/demo being there. The tokenizer is a SentencePiece BPE
-trained on the training TSVs' text and the task prompts (~600 pieces: whole words, a small softmax); the GPT-2
-BPE's 59k-row softmax makes CPU updates several times slower.
+than this test's budget, a test cannot depend on runs/demo being there, and the demo checkpoint also writes one
+caption for every image. The tokenizer is a SentencePiece BPE trained on the training TSVs' text and the task
+prompts (~600 pieces: whole words, a small softmax); the GPT-2 BPE's 59k-row softmax makes CPU updates several
+times slower.
 """
 
 from __future__ import annotations
@@ -58,35 +76,45 @@ class Case:
     steps: int            # update cap
     extra: list[str] = field(default_factory=list)  # task-specific --set overrides (training and evaluation)
     train_extra: list[str] = field(default_factory=list)
+    margin: float = 0.0   # the finetuned metric must exceed the baseline's by more than this
+    min_distinct: int = 1  # and the test predictions must take at least this many different values
 
+
+# The caption run uses a lower learning rate than TRAIN's 2e-3: at 2e-3 a fresh tiny OFA learns the caption
+# language and never the image (one caption for every test image), while at 5e-4 the image matters within a few
+# hundred updates: after 480, the teacher-forced NLL per target token of 48 test captions is 1.032 with each
+# row's own image and 1.145 with another row's (training rows: 0.990 vs 1.228).
+CAPTION_LR = "optim.lr=5e-4"
 
 CASES = {
+    # 5 epochs of the 768 caption rows (the recipe's epoch count)
+    "caption": Case("caption_stage1_base", "caption", "caption_stage1_train", "cider", 480,
+                    train_extra=[CAPTION_LR], margin=0.2, min_distinct=8),
     # questions have under 10 words and scenes at most 4 kinds of shape: short budgets keep the prev_output
     # prompt (the whole question and tags, in the decoder) short; EMA decay as in demo_finetune.sh
     "vqa": Case("vqa_base", "vqa", "vqa_train", "vqa_score", 200,
                 extra=["task.answers={data}/answers.txt", "task.max_src_length=16", "task.max_object_length=4"],
-                train_extra=["train.ema_decay=0.95"]),
+                train_extra=["train.ema_decay=0.95"], margin=0.1),
     # captions have at most 20 words: a 24-word budget per text keeps the premise+hypothesis source short
-    "snli_ve": Case("snli_ve_base", "snli_ve", "snli_ve_train", "accuracy", 100, extra=["task.max_src_length=24"]),
+    "snli_ve": Case("snli_ve_base", "snli_ve", "snli_ve_train", "accuracy", 100, extra=["task.max_src_length=24"],
+                    margin=0.2),
 }
-# Not here (measured, see the report of issue 10's end-to-end check):
-# * caption (stage 1): after 200-300 updates from scratch the model writes one caption for every test image (it has
-#   learnt the caption language, not the images), so whether it beats the most frequent training caption depends on
-#   which constant it settled on: CIDEr 0.853 vs 0.729 with the GPT-2 BPE, 0.698 vs 0.729 with this tokenizer.
-# * refcoco: 200-300 updates from scratch at 64 px leave Acc@0.5 at 0.0 on the test split (degenerate boxes near
-#   the image centre, x0 = x1), which only ties the whole-image box's 0.0; grounding needs a pretrained model or
-#   far more updates than this test's budget. 128-px images do not change it: 300 updates (loss 5.7 -> 4.4) keep
-#   Acc@0.5 at 0.0 on the test split and at every epoch's validation (32 distinct boxes of 57); 22 min on 1 thread
-#   on this loaded machine.
-# Why the caption model ignores the image (measured on these data, 256 training images, 300 updates, batch 8): the
-# image does reach the encoder (the ResNet's patch features differ across images, std 1.5 over images vs 2.3
-# overall; at initialisation swapping the images changes the logits by ~6%), and the targets differ (758 distinct
-# captions of 768), but the trained model's teacher-forced NLL is the same with each row's own image, another
-# row's image or a grey one (train split 1.082 / 1.083 / 1.084; test 1.066 / 1.073 / 1.076): it learns the
-# caption language first and no image dependence within this budget. Neither freezing the random ResNet (CIDEr
-# 0.904, 1 distinct caption), a lower learning rate (5e-4: 1.117, 5 distinct) nor dropout/drop-path 0 (NLL gap
-# ≤ 0.002 at 200 updates) changes that; the CIDEr against the constant caption (0.729) then depends on which
-# generic caption the model settles on (0.698-1.117 across these runs), so no assertion is made on it.
+# Not here: refcoco (measured on these data, batch 8, from scratch). Whatever the settings tried, Acc@0.5 on
+# held-out rows stays at the whole-image box's 0.0 (or 1 hit in 16), so no margin can be claimed:
+# * 64 px, OFA's 1000 bins over 512 px (bins 0-125 used), lr 2e-3, 200-300 updates: 0.0 on the test split
+#   (degenerate boxes near the image centre, x0 = x1); 128 px, 300 updates: 0.0 at every epoch's validation.
+# * 64 px, 32 bins over the 64-px input (2 px a bin; objectives.num_bins=32, task.box_normaliser=64 and a
+#   tokenizer with --num-bins 32), lr 3e-4, 400 updates, or lr 5e-4, 400 updates: validation Acc@0.5 0.0 at 6 of
+#   7 epoch ends, 0.0625 (1 of 16) at one. Localising a 8-21 px shape to IoU 0.5 on a 4x4 grid of image tokens
+#   needs a pretrained model or far more updates than this test's budget.
+# Caption settings that did not read the image well enough (CIDEr vs the most frequent caption's 0.729, distinct
+# captions of 32 test images): lr 2e-3, 200-300 updates: 0.698-0.853, one caption for every image (teacher-forced
+# NLL the same with the row's own image, another's or a grey one), 0.904 with the random ResNet frozen; lr 5e-4,
+# 300 updates: 1.117, 5 distinct (both validated on the test split then); lr 3e-4, 300 updates: 0.896, 4 distinct
+# (test NLL 1.438 own image vs 1.479 another's: the image starts to matter); lr 1e-4: the language itself is
+# still unlearnt at 250 updates (loss 3.5); a frozen random ResNet at 128 px, lr 3e-4, 400 updates: 0.834 with one
+# caption for every image. A constant caption can thus beat the most frequent one, which is why the caption case
+# also asserts that the captions vary.
 
 
 def _run(cmd: list[str], log: Path, timeout: int = 1200) -> float:
@@ -119,7 +147,7 @@ def data(tmp_path_factory) -> Path:
           "--finetune-images", str(TRAIN_IMAGES), "--finetune-eval-images", str(TEST_IMAGES)], root / "data.log")
     tsv = root / "corpus" / "finetune"
     for case in CASES.values():
-        for name in (case.train, f"{case.fmt}_test"):
+        for name in (case.train, f"{case.fmt}_val", f"{case.fmt}_test"):
             _run([py, "-m", "ofa_scale.cli.preprocess", "shards", "--format", case.fmt, "--input",
                   str(tsv / f"{name}.tsv"), "--out", str(root / name), "--no-progress"], root / "data.log")
     _run([py, "-m", "ofa_scale.cli.preprocess", "vqa-answers", "--input", str(tsv / "vqa_train.tsv"), "--out",
@@ -153,7 +181,7 @@ def _finetune_and_evaluate(name: str, case: Case, data: Path) -> dict:
     common = _sets(MODEL + case.extra, data)
     train_s = _run([py, "-m", "ofa_scale.train", "--config", config, "--run-dir", str(run), *common,
                     *_sets(TRAIN + case.train_extra, data), "--set", f"data.train={data / case.train}",
-                    "--set", f"data.valid={test}", "--set", f"train.steps={case.steps}"], log)
+                    "--set", f"data.valid={data / (case.fmt + '_val')}", "--set", f"train.steps={case.steps}"], log)
     out = data / "eval" / name
     eval_s = _run([py, "-m", "ofa_scale.cli.evaluate", "run", "--config", config, "--checkpoint", str(run),
                    "--data", str(test), "--out", str(out), *common], log)
@@ -195,4 +223,6 @@ def test_a_short_finetune_beats_the_trivial_baseline(name, data, finetuned):
     print(f"\n{name}: {case.metric} {score:.4f} finetuned vs {base[case.metric]:.4f} baseline ({value!r}): "
           f"margin {score - base[case.metric]:+.4f}; {got['distinct']} distinct predictions of "
           f"{got['predictions']}; {case.steps} updates, train {got['train_s']:.0f}s, eval {got['eval_s']:.0f}s")
-    assert score > base[case.metric]
+    assert score > base[case.metric] + case.margin
+    # a constant prediction can beat the most frequent one (another generic caption): the model must vary
+    assert got["distinct"] >= case.min_distinct

@@ -256,3 +256,24 @@ def test_ofa_predict_early_exit_reports_the_layers_run(bpe_dir, tmp_path, capsys
     assert "early exit" in err and "'encoder_layers_mean': 1.0" in err
     assert main([*argv, "--early-exit", "encoder=1.5"]) == 2
     assert "must be a cosine" in capsys.readouterr().err
+
+    # without the flag a recipe's task.early_exit applies, and its model.overrides.mue decomposes the encoder (the
+    # per-stream thresholds need it), as in `ofa-eval run`; --early-exit off runs the full model
+    import yaml
+
+    from ofa_scale.predict.tasks import RECIPES_DIR
+
+    recipe_cfg = yaml.safe_load((RECIPES_DIR / "caption_stage1_base.yaml").read_text())
+    recipe_cfg["model"].setdefault("overrides", {})["mue"] = True
+    recipe_cfg["task"]["early_exit"] = "img=-1,txt=1,decoder=1"
+    recipe = tmp_path / "mue_recipe.yaml"
+    recipe.write_text(yaml.safe_dump(recipe_cfg))
+    assert main([*argv, "--recipe", str(recipe)]) == 0
+    err = capsys.readouterr().err
+    assert "'image_layers_mean': 1.0" in err and "'text_layers_mean': 2.0" in err
+    assert "encoder_layers_mean" not in err
+    assert main([*argv, "--recipe", str(recipe), "--early-exit", "off"]) == 0
+    assert "early exit" not in capsys.readouterr().err
+    # a --set of the task section's early_exit is the recipe's value too (joint encoder: one threshold)
+    assert main([*argv, "--set", "early_exit=encoder=-1,decoder=1"]) == 0
+    assert "'encoder_layers_mean': 1.0" in capsys.readouterr().err

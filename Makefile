@@ -21,8 +21,11 @@ $(STAMP): requirements/base.txt requirements/dev.txt requirements/lock.txt setup
 	DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
 	touch $(STAMP)
 
+# two pytest-xdist workers, one test file per worker at a time (--dist loadfile keeps a file's module fixtures in one
+# worker); TEST_WORKERS=0 runs the suite in one process
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q -m "not slurm and not slow" tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slurm and not slow" tests
 
 demo: $(STAMP)
 	DEMO_DIR=$(DEMO_DIR) DEMO_ROWS=$(DEMO_ROWS) VENV=$(VENV) bash scripts/demo.sh

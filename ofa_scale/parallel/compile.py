@@ -28,8 +28,9 @@ On CPU the stem's blocks are better left eager (benchmarks/model_step.py, ofa_ti
 generated code for the train-mode BatchNorm/ReLU/residual forward and backward takes more time than ATen's kernels
 it replaces (the convolutions are the same oneDNN calls either way), so compiling the stem is 1.17× the eager step
 in CPU time with channels-last, while the transformer layers alone compile to about the eager time. The fastest CPU
-step is channels-last with `scope="transformer"`; the trainer keeps `all`, which is what GPUs are expected to need
-(benchmarks/gpu_check.py measures both there).
+step is channels-last with `scope="transformer"` (`train.compile_scope: transformer`, `train.channels_last: true`);
+the trainer's default stays `all`, which is what GPUs are expected to need (benchmarks/gpu_check.py measures both
+there).
 """
 
 from __future__ import annotations
@@ -40,9 +41,10 @@ import torch
 from torch import nn
 
 from ofa_scale.errors import ConfigError
+from ofa_scale.training.config import COMPILE_SCOPES
 
 
-SCOPES = ("all", "transformer", "stem")
+SCOPES = COMPILE_SCOPES  # train.compile_scope
 
 
 def compiled_block_types(scope: str = "all") -> tuple[type, ...]:

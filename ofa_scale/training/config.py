@@ -88,6 +88,7 @@ class ScheduleSection:
 
 
 HOST_HEAP_MODES = ("auto", "bounded", "dynamic")
+COMPILE_SCOPES = ("all", "transformer", "stem")  # what train.compile compiles (parallel/compile.py)
 
 
 @dataclass
@@ -109,6 +110,9 @@ class TrainSection:
     ckpt_interval: int = 1000  # checkpoint every N steps (and always at the end)
     keep_checkpoints: int = 3  # newest checkpoints kept on disk; 0 keeps all
     compile: bool = False  # torch.compile each encoder/decoder layer and the ResNet stem (torchtitan-style)
+    # what train.compile compiles: "all", or "transformer" (the layers only; the stem stays eager, the fastest CPU
+    # step with channels_last) or "stem" (parallel/compile.py)
+    compile_scope: str = "all"
     channels_last: bool = False  # run the ResNet stem in channels-last memory format
     max_nonfinite_steps: int = 5  # stop after this many non-finite steps in a row (each one is skipped)
     # glibc's heap: "bounded" returns every freed block of 128 KiB or more to the OS (less host memory, more page
@@ -217,6 +221,9 @@ class TrainingConfig:
         if not self.logging.connect_timeout_s > 0:
             raise ConfigError(f"logging.connect_timeout_s is {self.logging.connect_timeout_s}; give a positive "
                               "number of seconds")
+        if self.train.compile_scope not in COMPILE_SCOPES:
+            raise ConfigError(f"train.compile_scope is {self.train.compile_scope!r}; use one of "
+                              f"{', '.join(COMPILE_SCOPES)}")
         if self.train.host_heap not in HOST_HEAP_MODES:
             raise ConfigError(f"train.host_heap is {self.train.host_heap!r}; use one of {', '.join(HOST_HEAP_MODES)}")
         if self.train.max_nonfinite_steps < 1:

@@ -18,7 +18,7 @@ checkpointing, compilation, device.
    weights with fp32 statistics), so buffers are cast here.
 4. **Activation checkpointing** (pp == 1: each encoder/decoder layer's forward is recomputed in backward; pp > 1:
    the pipeline builder checkpoints its layers).
-5. **Compilation** (`train.compile`, `train.channels_last`): per layer and for the ResNet stem.
+5. **Compilation** (`train.compile`, `train.channels_last`): per layer and for the ResNet stem (`train.compile_scope`).
 6. **Device**: the accelerator, so DeepSpeed's ZeRO-3 partitioning happens there.
 7. **Trim**: the memory the build freed goes back to the OS (utils/malloc.py).
 
@@ -127,6 +127,19 @@ def freeze_from_config(cfg, module: nn.Module) -> None:
                        decoder_embedding=t.freeze_decoder_embedding, resnet=t.freeze_resnet)
 
 
+def compile_from_config(cfg, layout, module: nn.Module) -> nn.Module:
+    """Step 5: `train.compile` (what: `train.compile_scope`) and `train.channels_last`."""
+    if not (cfg.train.compile or cfg.train.channels_last):
+        return module
+    if layout.pp > 1:
+        raise ConfigError("train.compile / train.channels_last are not supported with parallel.pp > 1 (the "
+                          "pipeline engine calls its layers itself); set parallel.pp=1 or turn them off")
+    from ofa_scale.parallel.compile import compile_model
+
+    return compile_model(module, compile=cfg.train.compile, channels_last=cfg.train.channels_last,
+                         scope=cfg.train.compile_scope)
+
+
 def prepare_model(cfg, ctx, model_config, *, seed: int, device: torch.device, dtype: torch.dtype,
                   fill: Optional[Callable[[nn.Module], None]] = None,
                   pretrained: Optional[Callable[[nn.Module], None]] = None,
@@ -143,13 +156,7 @@ def prepare_model(cfg, ctx, model_config, *, seed: int, device: torch.device, dt
     freeze_from_config(cfg, module)
     if layout.pp == 1 and layout.activation_checkpointing:
         apply_activation_checkpointing(module)
-    if cfg.train.compile or cfg.train.channels_last:
-        if layout.pp > 1:
-            raise ConfigError("train.compile / train.channels_last are not supported with parallel.pp > 1 (the "
-                              "pipeline engine calls its layers itself); set parallel.pp=1 or turn them off")
-        from ofa_scale.parallel.compile import compile_model
-
-        module = compile_model(module, compile=cfg.train.compile, channels_last=cfg.train.channels_last)
+    module = compile_from_config(cfg, layout, module)
     if device.type != "cpu":
         module.to(device)
     if dtype != torch.float32:  # DeepSpeed casts parameters only; BatchNorm statistics must follow

@@ -138,17 +138,19 @@ def test_channels_last_alone_gives_the_eager_loss_and_gradients():
     assert error(nhwc_grads) <= 1.5 * error(eager) + 1e-6, (error(nhwc_grads), error(eager))
 
 
-def test_missing_cpp_compiler_fails_with_one_sentence(monkeypatch):
+def test_missing_cpp_compiler_fails_with_one_sentence():
     import torch._inductor.config as inductor_config
     from torch._inductor.cpp_builder import cpp_compiler_search
 
     from ofa_scale.errors import ConfigError
     from ofa_scale.parallel.compile import compile_model
 
-    monkeypatch.setattr(inductor_config.cpp, "cxx", ("ofa-scale-no-such-cxx",))
+    # inductor's own patch(), not monkeypatch: monkeypatch's undo leaves the config's `cpp.cxx` unset, and a later
+    # in-process compile in the same worker then fails
     cpp_compiler_search.cache_clear()
     try:
-        with pytest.raises(ConfigError, match="needs a C\\+\\+ compiler") as err:
+        with inductor_config.patch({"cpp.cxx": ("ofa-scale-no-such-cxx",)}), \
+                pytest.raises(ConfigError, match="needs a C\\+\\+ compiler") as err:
             compile_model(_small_model(), compile=True, channels_last=False)
     finally:
         cpp_compiler_search.cache_clear()
@@ -183,3 +185,32 @@ def test_compiled_tp2_matches_eager_one_process(eager_reference, tiny_data, tmp_
     got = read_metrics(run_dir)
     assert [m["step"] for m in got] == list(range(1, STEPS + 1))
     print(f"compiled tp=2 vs eager: max relative loss difference {assert_close_losses(eager_reference, got):.2e}")
+
+
+@pytest.mark.parametrize("scope, layers, stem", [("all", True, True), ("transformer", True, False),
+                                                 ("stem", False, True)])
+def test_compile_scope_from_the_config_picks_the_blocks(tiny_data, tmp_path, scope, layers, stem):
+    """`train.compile_scope` reaches compile_model through the one place that prepares the model: "transformer"
+    (the fastest CPU step with channels-last, parallel/compile.py) leaves the stem's blocks eager."""
+    from types import SimpleNamespace
+
+    from ofa_scale.model.blocks import DecoderLayer, EncoderLayer
+    from ofa_scale.model.resnet import Bottleneck
+    from ofa_scale.training.config import load_training_config
+    from ofa_scale.training.prepare import compile_from_config
+
+    path = write_config(tmp_path / "c.yaml", compile_config(tiny_data, train={**COMPILED, "compile_scope": scope}))
+    cfg = load_training_config(path, [])
+    model = compile_from_config(cfg, SimpleNamespace(pp=1), _small_model())
+    compiled = lambda types: {getattr(m, "_ofa_compiled", False) for m in model.modules() if isinstance(m, types)}
+    assert compiled((EncoderLayer, DecoderLayer)) == {layers}
+    assert compiled(Bottleneck) == {stem}
+
+
+def test_an_unknown_compile_scope_names_the_choices(tiny_data, tmp_path):
+    from ofa_scale.errors import ConfigError
+    from ofa_scale.training.config import load_training_config
+
+    path = write_config(tmp_path / "c.yaml", compile_config(tiny_data, train={"compile_scope": "resnet"}))
+    with pytest.raises(ConfigError, match="train.compile_scope is 'resnet'; use one of all, transformer, stem"):
+        load_training_config(path, [])

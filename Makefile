@@ -25,7 +25,7 @@ $(STAMP): requirements/base.txt requirements/dev.txt requirements/lock.txt setup
 # worker); TEST_WORKERS=0 runs the suite in one process
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slurm and not slow" tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 -m "not slurm and not slow" tests
 
 demo: $(STAMP)
 	DEMO_DIR=$(DEMO_DIR) DEMO_ROWS=$(DEMO_ROWS) VENV=$(VENV) bash scripts/demo.sh

@@ -6,7 +6,8 @@ A finetuned model is only worth its metric if it beats these (issue 10's end-to-
 * caption: the most frequent training caption, predicted for every image;
 * vqa:     the most frequent training answer (each question's target: its highest-confidence answer);
 * refcoco: the whole image as the box;
-* snli_ve: the most frequent training label.
+* snli_ve: the most frequent training label;
+* imagenet: the most frequent training class.
 Ties go to the value met first in the training shards. Scores come from the task's own `score` with the test
 protocol (`final=True`, what `ofa-eval run` reports), on the same items `ofa-eval run` reads, so the numbers
 compare one to one.
@@ -26,7 +27,8 @@ from ofa_scale.finetune.task import EvalItem, FinetuneTask
 
 # what each baseline predicts, for the printed line
 DESCRIPTIONS = {"caption": "the most frequent training caption", "vqa": "the majority training answer",
-                "refcoco": "the whole-image box", "snli_ve": "the majority training label"}
+                "refcoco": "the whole-image box", "snli_ve": "the majority training label",
+                "imagenet": "the majority training class"}
 
 
 def _most_frequent(values: Iterable[Any], what: str, train_dir: str | Path) -> Any:
@@ -52,6 +54,10 @@ def constant_value(task: FinetuneTask, train_dir: str | Path) -> Any:
                               train_dir)
     if task.name == "snli_ve":
         return _most_frequent((str(m["label"]) for m in metas), "labels", train_dir)
+    if task.name == "imagenet":
+        from ofa_scale.finetune.imagenet import clean_name
+
+        return _most_frequent((clean_name(m["class_name"]) for m in metas), "classes", train_dir)
     raise UserError(f"no trivial baseline for task {task.name!r}; the baselines cover {', '.join(DESCRIPTIONS)}")
 
 
@@ -59,7 +65,7 @@ def baseline_predictions(task: FinetuneTask, items: list[EvalItem], value: Any) 
     """Prediction records in the shape the task's `score` reads."""
     if task.name == "refcoco":
         return [{"id": it.id, "box": [0.0, 0.0, float(it.image_size[0]), float(it.image_size[1])]} for it in items]
-    field = {"caption": "caption", "vqa": "answer", "snli_ve": "label"}[task.name]
+    field = {"caption": "caption", "vqa": "answer", "snli_ve": "label", "imagenet": "label"}[task.name]
     return [{"id": it.id, field: value} for it in items]
 
 

@@ -16,7 +16,9 @@ and the image.
   [bos] + BPE(" " + name), target = BPE(" " + name) + [eos], and the trie's constraint at every decoder position,
   so the loss and its label smoothing see only tokens that continue a class name.
 * Images: training — timm's RandAugment pipeline with OFA's RandomAugment; evaluation — Resize((S, S)) bicubic
-  (finetune/imagenet_transforms.py); both normalised with ImageNet's mean/std (`normalise_images`, which the
+  (finetune/imagenet_transforms.py). `task.extra.train_augment: none` (default `ofa`) trains on the evaluation
+  resize instead: for classes that RandAugment's colour operations (solarize, posterize, equalize, colour) can
+  change, such as the sample world's "red circle". Both normalised with ImageNet's mean/std (`normalise_images`, which the
   finetuning workload applies to this task's training batches instead of OFA's 0.5/0.5).
 * Prediction {"id", "label"} by all-candidate scoring over the class names (`task.decoding.inference: allcand`,
   model/candidates.py: the VQA recipe's fast batched scorer); metric `accuracy`; results.json entries
@@ -43,6 +45,8 @@ from ofa_scale.objectives.builders import CAPTION_PROMPT
 PROMPT = CAPTION_PROMPT  # " what does the image describe?"
 # A synset_words.txt line starts with its WordNet noun id: "n01440764 tench, Tinca tinca".
 _WNID = re.compile(r"n\d{8}\s+")
+# task.extra.train_augment: OFA's training pipeline, or the evaluation resize (module docstring)
+TRAIN_AUGMENT = ("ofa", "none")
 # Marks the shallow copy of a record that train_examples builds, so `pixels` applies the training transform.
 _TRAINING = "_imagenet_training"
 
@@ -79,6 +83,9 @@ class ImageNetTask(ClosedSetTask):
         self.set_candidates(read_class_names(cfg.class_names))
         self._names = set(self.candidates)
         self._train_transform: Optional[imagenet_transforms.TrainTransform] = None  # built on first use (timm)
+        self._augment = cfg.extra.get("train_augment", "ofa")
+        if self._augment not in TRAIN_AUGMENT:
+            raise ConfigError(f"task.extra.train_augment is {self._augment!r}; give one of {', '.join(TRAIN_AUGMENT)}")
 
     def default_source_length(self) -> int:
         return len(self.tok.encode(PROMPT)) + 2
@@ -88,7 +95,8 @@ class ImageNetTask(ClosedSetTask):
 
     # ---- images ---------------------------------------------------------------------------------------------
     def pixels(self, record: dict) -> torch.Tensor:
-        if not record.get(_TRAINING) or record.get("image") is None:  # (no image: eval_pixels says what to do)
+        if not record.get(_TRAINING) or record.get("image") is None or self._augment == "none":
+            # (no image: eval_pixels says what to do)
             return imagenet_transforms.eval_pixels(record.get("image"), self.cfg.image_size,
                                                    record["meta"].get("uniq_id"))
         if self._train_transform is None:

@@ -90,3 +90,18 @@ def test_cli_prints_the_baseline_and_refuses_a_non_finetuning_config(tmp_path, c
     pretraining = recipe.parents[1] / "demo.yaml"
     assert main(["--config", str(pretraining), "--data", str(train)]) == 2
     assert "sets no task.name" in capsys.readouterr().err
+
+
+def test_majority_class_and_its_accuracy(tok, tmp_path):
+    img = image_b64(40, 32)
+    # "red  circle" (spaces as a TSV may have them) twice, "blue square" twice but met later: the first met wins
+    train = shards(tmp_path, "train", "imagenet", [
+        [img, "1", "red  circle"], [img, "2", "blue square"], [img, "2", "blue square"], [img, "1", "red circle"]])
+    test = shards(tmp_path, "test", "imagenet", [[img, "1", "red circle"], [img, "2", "blue square"],
+                                                 [img, "1", "red circle"]])
+    names = tmp_path / "synset_words.txt"
+    names.write_text("n90000001 red circle\nn90000002 blue square\n")
+    task = make_task(TaskSection(name="imagenet", prompt_type="none", image_size=32, class_names=str(names)), tok)
+    value, metrics = baseline_metrics(task, train, test)
+    assert value == "red circle"
+    assert metrics == {"accuracy": pytest.approx(2 / 3)}

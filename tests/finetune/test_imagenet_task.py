@@ -197,6 +197,17 @@ def test_eval_transform_is_resize_and_imagenet_normalisation():
     assert float(T.normalise_images(a[None], torch.tensor([False]), torch.float32).abs().max()) == 0.0
 
 
+def test_train_augment_none_trains_on_the_evaluation_resize(tok, class_file):
+    photo = Image.fromarray(np.random.default_rng(5).integers(0, 256, (30, 40, 3), dtype=np.uint8))
+    rec = {**record(), "image": photo}
+    augmented = make(tok, class_file).train_examples(rec)[0]["image"]
+    plain = make(tok, class_file, extra={"train_augment": "none"}).train_examples(rec)[0]["image"]
+    assert torch.equal(plain, T.eval_pixels(photo, 32))
+    assert not torch.equal(augmented, plain)  # OFA's pipeline (the default) crops and augments
+    with pytest.raises(ConfigError, match="train_augment is 'timm'; give one of ofa, none"):
+        make(tok, class_file, extra={"train_augment": "timm"})
+
+
 def test_evaluation_and_training_batches_use_imagenet_statistics(tok, class_file):
     from ofa_scale.finetune.workload import FinetuneWorkload
 

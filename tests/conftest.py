@@ -35,11 +35,27 @@ LAYOUT_RUN_FILES = frozenset({
 })
 
 
+# The slow stage's longest files (minutes each, most of them one test), in the order .ci/run's two workers should
+# start them: with `--no-loadscope-reorder` xdist hands out files in collection order, and otherwise it starts
+# with the files that hold the most tests, which left a 7-minute end-to-end file running alone at the end.
+LONGEST_FIRST = (
+    "tests/finetune/test_image_gen_e2e.py",
+    "tests/finetune/test_recipes_e2e.py",
+    "tests/finetune/test_imagenet_e2e.py",
+    *sorted(LAYOUT_RUN_FILES),
+    "tests/finetune/test_text_recipes_e2e.py",
+    "tests/benchmarks/test_gpu_check.py",
+)
+
+
 def pytest_collection_modifyitems(items):
+    rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))  # stable: the rest keep order
     for item in items:
         path = item.nodeid.split("::", 1)[0]
         if "layout_runs" in getattr(item, "fixturenames", ()) and path not in LAYOUT_RUN_FILES:
-            raise pytest.UsageError(f"{item.nodeid} reads layout_runs: add {path} to LAYOUT_RUN_FILES in tests/conftest.py")
+            raise pytest.UsageError(f"{item.nodeid} reads layout_runs: add {path} to LAYOUT_RUN_FILES in "
+                                    f"tests/conftest.py")
 
 
 if LoadFileScheduling is not None:

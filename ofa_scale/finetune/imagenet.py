@@ -18,8 +18,8 @@ and the image.
 * Images: training — timm's RandAugment pipeline with OFA's RandomAugment; evaluation — Resize((S, S)) bicubic
   (finetune/imagenet_transforms.py). `task.extra.train_augment: none` (default `ofa`) trains on the evaluation
   resize instead: for classes that RandAugment's colour operations (solarize, posterize, equalize, colour) can
-  change, such as the sample world's "red circle". Both normalised with ImageNet's mean/std (`normalise_images`, which the
-  finetuning workload applies to this task's training batches instead of OFA's 0.5/0.5).
+  change, such as the sample world's "red circle". Both normalised with ImageNet's mean/std (`normalise_images`,
+  which the finetuning workload applies to this task's training batches instead of OFA's 0.5/0.5).
 * Prediction {"id", "label"} by all-candidate scoring over the class names (`task.decoding.inference: allcand`,
   model/candidates.py: the VQA recipe's fast batched scorer); metric `accuracy`; results.json entries
   {"id", "label"} (label: the class name).

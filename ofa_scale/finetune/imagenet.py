@@ -85,7 +85,8 @@ class ImageNetTask(ClosedSetTask):
         self._train_transform: Optional[imagenet_transforms.TrainTransform] = None  # built on first use (timm)
         self._augment = cfg.extra.get("train_augment", "ofa")
         if self._augment not in TRAIN_AUGMENT:
-            raise ConfigError(f"task.extra.train_augment is {self._augment!r}; give one of {', '.join(TRAIN_AUGMENT)}")
+            raise ConfigError(f"task.extra.train_augment is {self._augment!r}; give one of "
+                              f"{', '.join(TRAIN_AUGMENT)}")
 
     def default_source_length(self) -> int:
         return len(self.tok.encode(PROMPT)) + 2

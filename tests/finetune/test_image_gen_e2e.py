@@ -33,7 +33,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_recipes_e2e import _run, _sets  # noqa: E402  (the recipes' subprocess runner and --set builder)
+from test_recipes_e2e import _run, train_then_evaluate  # noqa: E402  (the recipes' subprocess runner)
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "configs" / "finetune" / "image_gen_stage1_base.yaml"
@@ -82,13 +82,7 @@ def test_a_short_stage1_finetune_draws_what_the_captions_say(data):
 
     from ofa_scale.data.sample_image_gen import ColourCodec, oracle
 
-    py, log, run, out = sys.executable, data / "image_gen.log", data / "run", data / "eval"
-    model = _sets(MODEL, data)
-    train_s = _run([py, "-m", "ofa_scale.train", "--config", str(RECIPE), "--run-dir", str(run), *model,
-                    *_sets(TRAIN, data), "--set", f"data.train={data / 'train'}", "--set",
-                    f"data.valid={data / 'val'}"], log)
-    eval_s = _run([py, "-m", "ofa_scale.cli.evaluate", "run", "--config", str(RECIPE), "--checkpoint", str(run),
-                   "--data", str(data / "test"), "--out", str(out), *model, *_sets(EVAL, data)], log)
+    out, train_s, eval_s = train_then_evaluate(RECIPE, data, "image_gen", MODEL, TRAIN, tuple(EVAL))
     results = json.loads((out / "results.json").read_text())
     captions = {line.split("\t")[0]: line.split("\t")[2]
                 for line in (data / "corpus" / "image_gen" / "image_gen_test.tsv").read_text().splitlines()}

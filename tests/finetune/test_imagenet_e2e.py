@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_recipes_e2e import _run, _sets  # noqa: E402  (the recipes' subprocess runner and --set builder)
+from test_recipes_e2e import _run, train_then_evaluate  # noqa: E402  (the recipes' subprocess runner)
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "configs" / "finetune" / "imagenet_large.yaml"
@@ -75,13 +75,7 @@ def test_a_short_finetune_beats_the_majority_class(data):
     from ofa_scale.finetune.task import make_task
     from ofa_scale.training.config import load_training_config
 
-    py, log, run, out = sys.executable, data / "imagenet.log", data / "run", data / "eval"
-    model = _sets(MODEL, data)
-    train_s = _run([py, "-m", "ofa_scale.train", "--config", str(RECIPE), "--run-dir", str(run), *model,
-                    *_sets(TRAIN, data), "--set", f"data.train={data / 'train'}", "--set",
-                    f"data.valid={data / 'val'}"], log)
-    eval_s = _run([py, "-m", "ofa_scale.cli.evaluate", "run", "--config", str(RECIPE), "--checkpoint", str(run),
-                   "--data", str(data / "test"), "--out", str(out), *model], log)
+    out, train_s, eval_s = train_then_evaluate(RECIPE, data, "imagenet", MODEL, TRAIN)
     accuracy = json.loads((out / "metrics.json").read_text())["accuracy"]
     labels = [r["label"] for r in json.loads((out / "results.json").read_text())]
 

@@ -148,6 +148,22 @@ def _sets(values: list[str], data: Path) -> list[str]:
     return [a for v in values for a in ("--set", v.format(data=data))]
 
 
+def train_then_evaluate(recipe: Path, data: Path, name: str, model: list[str], train: list[str],
+                        evaluate: tuple[str, ...] = ()) -> tuple[Path, float, float]:
+    """`ofa-train` on data/train (validating on data/val) into data/runs/<name>, then `ofa-eval run` of that run on
+    data/test into data/eval/<name>; `model` overrides both, `train` training only, `evaluate` evaluation only
+    (each a list of k=v with {data} filled in). Returns (the evaluation dir, train seconds, eval seconds)."""
+    py, log = sys.executable, data / f"{name}.log"
+    run, out = data / "runs" / name, data / "eval" / name
+    common = _sets(model, data)
+    train_s = _run([py, "-m", "ofa_scale.train", "--config", str(recipe), "--run-dir", str(run), *common,
+                    *_sets(train, data), "--set", f"data.train={data / 'train'}", "--set",
+                    f"data.valid={data / 'val'}"], log)
+    eval_s = _run([py, "-m", "ofa_scale.cli.evaluate", "run", "--config", str(recipe), "--checkpoint", str(run),
+                   "--data", str(data / "test"), "--out", str(out), *common, *_sets(list(evaluate), data)], log)
+    return out, train_s, eval_s
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("recipes_e2e")

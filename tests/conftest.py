@@ -39,6 +39,7 @@ LAYOUT_RUN_FILES = frozenset({
 # start them: with `--no-loadscope-reorder` xdist hands out files in collection order, and otherwise it starts
 # with the files that hold the most tests, which left a 7-minute end-to-end file running alone at the end.
 LONGEST_FIRST = (
+    "tests/finetune/test_refcoco_e2e.py",
     "tests/finetune/test_image_gen_e2e.py",
     "tests/finetune/test_recipes_e2e.py",
     "tests/finetune/test_imagenet_e2e.py",

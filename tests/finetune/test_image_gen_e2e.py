@@ -33,7 +33,7 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_recipes_e2e import _run, train_then_evaluate  # noqa: E402  (the recipes' subprocess runner)
+from test_recipes_e2e import TINY_OFA, sample_splits, train_then_evaluate, train_tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "configs" / "finetune" / "image_gen_stage1_base.yaml"
@@ -41,11 +41,9 @@ CODE_IMAGE_SIZE = 64  # an 8x8 code grid
 TRAIN_ROWS, TEST_ROWS = 512, 32
 STEPS = 600
 COLOUR_MARGIN, BOTH_MARGIN = 0.5, 0.2  # over random codes
-MODEL = ["model.arch=ofa_tiny", "model.overrides.d_model=128", "model.overrides.ffn_dim=256",
-         "model.overrides.heads=4", "model.overrides.encoder_layers=2", "model.overrides.decoder_layers=2",
-         f"model.overrides.code_image_size={CODE_IMAGE_SIZE}", f"task.extra.code_image_size={CODE_IMAGE_SIZE}",
-         "data.tokenizer.kind=sentencepiece", "data.tokenizer.path={data}/tokenizer", "precision=fp32",
-         "task.vqgan=colour", "task.clip_weights=null", "task.max_src_length=16"]
+MODEL = [*TINY_OFA, f"model.overrides.code_image_size={CODE_IMAGE_SIZE}",
+         f"task.extra.code_image_size={CODE_IMAGE_SIZE}", "task.vqgan=colour", "task.clip_weights=null",
+         "task.max_src_length=16"]
 TRAIN = ["model.pretrained=null", "train.global_batch_size=16", "train.micro_batch_size=16",
          "train.log_interval=20", "train.ckpt_interval=100000", "data.num_workers=0", "task.valid_interval=0",
          "task.valid_limit=8", "task.decoding.beam=2", "schedule.warmup_steps=20", "logging.mlflow=false",
@@ -60,20 +58,13 @@ def data(tmp_path_factory) -> Path:
     from ofa_scale.predict.image_gen import PROMPT
 
     root = tmp_path_factory.mktemp("image_gen_e2e")
-    py, log = sys.executable, root / "data.log"
-    _run([py, "-m", "ofa_scale.cli.preprocess", "sample", "--out", str(root / "corpus"), "--rows", "1", "--seed",
-          "0", "--finetune-images", "1", "--finetune-eval-images", "1", "--text-rows", "0", "--image-gen-rows",
-          str(TRAIN_ROWS), "--image-gen-eval-rows", str(TEST_ROWS), "--image-gen-code-size", str(CODE_IMAGE_SIZE)],
-         log)
-    tsv = root / "corpus" / "image_gen"
-    for split in ("train", "val", "test"):
-        _run([py, "-m", "ofa_scale.cli.preprocess", "shards", "--format", "image_gen", "--input",
-              str(tsv / f"image_gen_{split}.tsv"), "--out", str(root / split), "--no-progress"], log)
+    tsv = sample_splits(root, "image_gen", ["--finetune-images", "1", "--finetune-eval-images", "1", "--text-rows",
+                                            "0", "--image-gen-rows", str(TRAIN_ROWS), "--image-gen-eval-rows",
+                                            str(TEST_ROWS), "--image-gen-code-size", str(CODE_IMAGE_SIZE)],
+                        corpus_dir="image_gen")
     captions = [line.split("\t")[2] for line in (tsv / "image_gen_train.tsv").read_text().splitlines()]
-    (root / "text.txt").write_text("\n".join(captions + [PROMPT.format("")] * 20) + "\n")
     # whole-word pieces (each colour and shape word one piece), plus the 8192 <code_i> tokens
-    _run([py, "-m", "ofa_scale.cli.preprocess", "train-tokenizer", "--input", f"lines:{root / 'text.txt'}",
-          "--vocab-size", "400", "--soft-vocab-limit", "--model-type", "bpe", "--out", str(root / "tokenizer")], log)
+    train_tokenizer(root, captions + [PROMPT.format("")] * 20, 400)
     return root
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_recipes_e2e import _run, train_then_evaluate  # noqa: E402  (the recipes' subprocess runner)
+from test_recipes_e2e import TINY_OFA, sample_splits, train_then_evaluate, train_tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPE = REPO / "configs" / "finetune" / "imagenet_large.yaml"
@@ -35,10 +35,7 @@ TRAIN_IMAGES, TEST_IMAGES = 512, 64
 STEPS = 400
 MARGIN = 0.15  # accuracy above the majority class's
 MIN_DISTINCT = 8  # classes among the test predictions
-MODEL = ["model.arch=ofa_tiny", "model.overrides.d_model=128", "model.overrides.ffn_dim=256",
-         "model.overrides.heads=4", "model.overrides.encoder_layers=2", "model.overrides.decoder_layers=2",
-         "data.tokenizer.kind=sentencepiece", "data.tokenizer.path={data}/tokenizer", "task.image_size=64",
-         "precision=fp32", "task.class_names={data}/corpus/finetune/imagenet_synset_words.txt"]
+MODEL = [*TINY_OFA, "task.image_size=64", "task.class_names={data}/corpus/finetune/imagenet_synset_words.txt"]
 TRAIN = ["model.pretrained=null", "train.global_batch_size=16", "train.micro_batch_size=16",
          "train.log_interval=20", "train.ckpt_interval=100000", "train.freeze_encoder_embedding=false",
          "train.freeze_decoder_embedding=false", "data.num_workers=0", "task.valid_interval=0",
@@ -53,19 +50,10 @@ def data(tmp_path_factory) -> Path:
     from ofa_scale.objectives.builders import CAPTION_PROMPT
 
     root = tmp_path_factory.mktemp("imagenet_e2e")
-    py, log = sys.executable, root / "data.log"
-    _run([py, "-m", "ofa_scale.cli.preprocess", "sample", "--out", str(root / "corpus"), "--rows", "1", "--seed",
-          "0", "--finetune-images", str(TRAIN_IMAGES), "--finetune-eval-images", str(TEST_IMAGES), "--text-rows",
-          "0", "--image-gen-rows", "0"], log)
-    tsv = root / "corpus" / "finetune"
-    for split in ("train", "val", "test"):
-        _run([py, "-m", "ofa_scale.cli.preprocess", "shards", "--format", "imagenet", "--input",
-              str(tsv / f"imagenet_{split}.tsv"), "--out", str(root / split), "--no-progress"], log)
+    tsv = sample_splits(root, "imagenet", ["--finetune-images", str(TRAIN_IMAGES), "--finetune-eval-images",
+                                           str(TEST_IMAGES), "--text-rows", "0", "--image-gen-rows", "0"])
     names = [line.split(" ", 1)[1] for line in (tsv / "imagenet_synset_words.txt").read_text().splitlines()]
-    (root / "text.txt").write_text("\n".join(names * 20 + [CAPTION_PROMPT] * 20) + "\n")
-    _run([py, "-m", "ofa_scale.cli.preprocess", "train-tokenizer", "--input", f"lines:{root / 'text.txt'}",
-          "--vocab-size", "400", "--soft-vocab-limit", "--model-type", "bpe", "--num-codes", "0", "--out",
-          str(root / "tokenizer")], log)
+    train_tokenizer(root, names * 20 + [CAPTION_PROMPT] * 20, 400, ("--num-codes", "0"))
     return root
 
 

@@ -131,21 +131,27 @@ class DemoPage:
         found = self.driver.find_elements(By.CSS_SELECTOR, css)
         return found[0] if found else None
 
+    def _present(self, css: str):
+        """The first element matching `css`, waiting up to WAIT_S for it: gradio renders a tab's components after
+        the header, and on a loaded machine the page can be seconds behind (a CI run found the upload box missing
+        right after the header appeared)."""
+        return self.wait.until(lambda d: self._find(css))
+
     def _text(self, css: str) -> str:
         el = self._find(css)
         return el.text.strip() if el is not None else ""
 
     def open_tab(self, key: str) -> None:
-        self._find(f"#{key}-tab-button").click()
+        self._present(f"#{key}-tab-button").click()
         self.wait.until(lambda d: self._find(f"#{key}-run") is not None and self._find(f"#{key}-run").is_displayed())
 
     def upload(self, key: str, image: Path) -> None:
         """Choose `image` in the tab's upload box and wait until it is on the server (the preview shows)."""
-        self._find(f"#{key}-image input[type=file]").send_keys(str(image))
+        self._present(f"#{key}-image input[type=file]").send_keys(str(image))
         self.wait.until(lambda d: self._find(f"#{key}-image img") is not None)
 
     def type_text(self, key: str, text: str) -> None:
-        box = self._find(f"#{key}-text textarea") or self._find(f"#{key}-text input")
+        box = self.wait.until(lambda d: self._find(f"#{key}-text textarea") or self._find(f"#{key}-text input"))
         box.clear()
         box.send_keys(text)
 
@@ -166,14 +172,13 @@ class DemoPage:
         (answer, message). Every request fills one of the two, so a run always changes the state unless it
         repeats the previous one exactly."""
         before = (self.output(key), self.message(key))
-        self._find(f"#{key}-run").click()
+        self._present(f"#{key}-run").click()
         self.wait.until(lambda d: not self.busy(key) and (self.output(key), self.message(key)) != before)
         return self.output(key), self.message(key)
 
     def box_image_url(self, key: str) -> str:
         """The URL of the drawn-box image the grounding tab shows (waits for it)."""
-        self.wait.until(lambda d: self._find(f"#{key}-box img") is not None)
-        return self._find(f"#{key}-box img").get_attribute("src")
+        return self._present(f"#{key}-box img").get_attribute("src")
 
 
 def make_tiny_model_dir(bpe_dir: Path, out: Path, *, seed: int = 0) -> Path:

@@ -190,10 +190,7 @@ def data(tmp_path_factory) -> Path:
                   str(tsv / f"{name}.tsv"), "--out", str(root / name), "--no-progress"], root / "data.log")
     _run([py, "-m", "ofa_scale.cli.preprocess", "vqa-answers", "--input", str(tsv / "vqa_train.tsv"), "--out",
           str(root / "answers.txt")], root / "data.log")
-    (root / "text.txt").write_text("\n".join(_training_text(tsv)) + "\n")
-    _run([py, "-m", "ofa_scale.cli.preprocess", "train-tokenizer", "--input", f"lines:{root / 'text.txt'}",
-          "--vocab-size", "600", "--soft-vocab-limit", "--model-type", "bpe", "--num-codes", "0", "--out",
-          str(root / "tokenizer")], root / "data.log")
+    train_tokenizer(root, _training_text(tsv), 600, ("--num-codes", "0"))
     return root
 
 
